@@ -1,0 +1,265 @@
+"""`horizons` — the command line. Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from horizons_platform.settings import SERVICE_GROUPS, Settings
+
+
+def _settings() -> Settings:
+    return Settings()
+
+
+def _print_table(
+    columns: Sequence[str], rows: Sequence[Sequence[object]], limit: int = 200
+) -> None:
+    shown = [["" if v is None else str(v) for v in row] for row in rows[:limit]]
+    widths = [max([len(c)] + [len(r[i]) for r in shown]) for i, c in enumerate(columns)]
+    widths = [min(w, 60) for w in widths]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    print(line)
+    print("  ".join("-" * w for w in widths))
+    for r in shown:
+        print("  ".join(v[:60].ljust(w) for v, w in zip(r, widths, strict=True)))
+    more = f" (first {limit} shown)" if len(rows) > limit else ""
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{more})")
+
+
+# --- broker -----------------------------------------------------------------------------
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from horizons_platform.kafka.admin import ensure_topics
+    from horizons_platform.kafka.broker import BrokerError, EmbeddedBroker
+
+    settings = _settings()
+    if not settings.embedded_broker and args.action != "status":
+        print(
+            f"HORIZONS_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} is set: the embedded "
+            "broker is not used.",
+            file=sys.stderr,
+        )
+        return 2
+    broker = EmbeddedBroker(settings)
+    try:
+        if args.action == "start":
+            broker.start()
+            parts = ensure_topics(settings)
+            print("topics: " + ", ".join(f"{t}({n})" for t, n in parts.items()))
+            print(f"broker ready on {broker.bootstrap}")
+        elif args.action == "stop":
+            print("broker stopped" if broker.stop() else "broker was not running")
+        else:
+            st = broker.status()
+            if not st.running:
+                print(f"broker not running (port {st.port}, Kafka {st.kafka_version})")
+                print(f"log: {st.log_path}")
+                return 1
+            print(f"running: pid {st.pid}, {st.bootstrap}, Kafka {st.kafka_version}")
+            print(f"log: {st.log_path}")
+            _print_table(["topic", "partitions"], sorted(st.topics.items()))
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- consumers, traffic, queries ------------------------------------------------------------
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    from horizons_platform.host import run_host
+
+    groups = tuple(args.service) if args.service else SERVICE_GROUPS
+    settings = _settings()
+    print(
+        f"consuming from {settings.bootstrap} into {settings.database}: {', '.join(groups)}",
+        file=sys.stderr,
+    )
+    code = run_host(
+        settings,
+        groups,
+        on_ready=lambda h: print("consumers ready (Ctrl-C to stop)", file=sys.stderr),
+    )
+    print(f"consumers stopped (exit {code})", file=sys.stderr)
+    return code
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from horizons_platform.kafka.admin import ensure_topics
+    from horizons_platform.services.orchestrator import JobOrchestratorService
+    from horizons_platform.simulate import plan, run_simulation
+
+    settings = _settings()
+    ensure_topics(settings)
+    orch = JobOrchestratorService(settings, recover=False, wait=False)
+    jobs = plan(args.jobs, seed=args.seed, fail_rate=args.fail_rate, cancel_rate=args.cancel_rate)
+
+    def progress(sent: int, total: int) -> None:
+        print(f"\r{sent}/{total} events", end="", file=sys.stderr, flush=True)
+
+    sent = run_simulation(orch, jobs, rate=args.rate, seed=args.seed, progress=progress)
+    print(
+        f"\npublished {sent} events for {len(jobs)} jobs to {settings.bootstrap}", file=sys.stderr
+    )
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from horizons_platform.store.connection import Store
+
+    columns, rows = Store(_settings()).query(args.sql)
+    _print_table(columns, rows, limit=args.limit)
+    return 0
+
+
+def cmd_verify_audit(args: argparse.Namespace) -> int:
+    from horizons_platform.services.audit import verify_store
+    from horizons_platform.store.connection import Store
+
+    with Store(_settings()).reader() as con:
+        result = verify_store(con)
+    if result.ok:
+        print(f"audit chain verified: {result.checked} records")
+        return 0
+    print(
+        f"audit chain BROKEN at seq {result.first_bad_seq}: {result.reason} "
+        f"({result.checked} records verified before it)"
+    )
+    return 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from horizons_platform.services.compliance import latest_report
+    from horizons_platform.store.connection import Store
+
+    report = latest_report(Store(_settings()), generate=args.generate)
+    if report is None:
+        print(
+            "no compliance report yet: run `horizons report --generate` or the "
+            "compliance_report_job in Dagster"
+        )
+        return 1
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="horizons",
+        description="Horizons Platform: Kafka job-lifecycle events → four consumer services → "
+        "DuckDB, orchestrated by Dagster. Settings come from HORIZONS_* variables.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "broker",
+        help="start/stop/inspect the embedded Kafka broker",
+        description="The embedded single-node Apache Kafka (KRaft) broker on "
+        "127.0.0.1:$HORIZONS_BROKER_PORT; jars are cached in ~/.cache/horizons.",
+    )
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser(
+        "consume",
+        help="run the consumer services (all four by default)",
+        description="Run consumer services in one process until Ctrl-C/SIGTERM. "
+        "Exit 3 when the broker stayed unreachable past HORIZONS_BROKER_GRACE_S.",
+    )
+    p.add_argument(
+        "--service",
+        action="append",
+        choices=SERVICE_GROUPS,
+        metavar="NAME",
+        help=f"consumer group to run (repeatable): {', '.join(SERVICE_GROUPS)}",
+    )
+    p.set_defaults(func=cmd_consume)
+
+    p = sub.add_parser(
+        "simulate",
+        help="drive realistic jobs through the orchestrator",
+        description="Publish realistic job lifecycles (some failing, some "
+        "cancelled) and their metrics.",
+    )
+    p.add_argument("--jobs", type=int, default=100, help="number of jobs (default 100)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=200.0,
+        help="events per second, 0 = as fast as possible (default 200)",
+    )
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--fail-rate", type=float, default=0.1)
+    p.add_argument("--cancel-rate", type=float, default=0.05)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser(
+        "query",
+        help="run read-only SQL against the DuckDB file",
+        description="Read-only SQL; waits its turn on the file lock. Quote the "
+        'keywords "partition" and "offset" when you use them as columns.',
+    )
+    p.add_argument("sql")
+    p.add_argument("--limit", type=int, default=200, help="rows to print (default 200)")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser(
+        "verify-audit",
+        help="recompute the audit hash chain",
+        description="Exit 1 and name the first bad row when the chain is broken.",
+    )
+    p.set_defaults(func=cmd_verify_audit)
+
+    p = sub.add_parser("report", help="show the latest compliance report")
+    p.add_argument("--generate", action="store_true", help="generate a fresh report first")
+    p.set_defaults(func=cmd_report)
+
+    _add_later_commands(sub)
+    return parser
+
+
+def _add_later_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """`up` and `bench` live in their own modules to keep this one thin."""
+    try:
+        from horizons_platform.launcher import add_up_command
+    except ImportError:
+        pass
+    else:
+        add_up_command(sub)
+    try:
+        from horizons_platform.bench.cli import add_bench_command
+    except ImportError:
+        pass
+    else:
+        add_bench_command(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("dagster").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The event envelope and one pydantic model per event type.
+
+Everything on the wire is UTF-8 JSON. Models keep unknown fields (``extra="allow"``)
+so a newer producer never loses data in an older consumer. ``decode`` turns bytes into
+a typed event or raises :class:`EventDecodeError` naming the field and the reason.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+SCHEMA_VERSION = 1
+
+JOB_SUBMITTED = "job.submitted"
+JOB_STARTED = "job.started"
+JOB_COMPLETED = "job.completed"
+JOB_FAILED = "job.failed"
+JOB_CANCELLED = "job.cancelled"
+JOB_METRICS = "job.metrics"
+HEALTH_ALERT = "health.alert"
+HEALTH_RECOVERED = "health.recovered"
+CONSUMER_STARTED = "consumer.started"
+CONSUMER_STOPPED = "consumer.stopped"
+CONSUMER_BROKER_LOST = "consumer.broker_lost"
+AUDIT_RECORD = "audit.record"
+
+LIFECYCLE_TYPES = (JOB_SUBMITTED, JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
+TERMINAL_TYPES = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
+
+
+class _Open(BaseModel):
+    """Base for every wire model: unknown fields survive a decode/encode round trip."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+# --- payloads -------------------------------------------------------------------------
+
+
+class JobSubmittedPayload(_Open):
+    owner: str  # e-mail address of the job owner
+    job_type: str
+    priority: int = 0
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobStartedPayload(_Open):
+    owner: str
+    job_type: str
+    worker: str
+
+
+class JobCompletedPayload(_Open):
+    owner: str
+    job_type: str
+    output_bytes: int = Field(default=0, ge=0)
+
+
+class JobFailedPayload(_Open):
+    owner: str
+    job_type: str
+    error: str
+    exit_code: int | None = None
+
+
+class JobCancelledPayload(_Open):
+    owner: str
+    job_type: str
+    reason: str = ""
+    cancelled_by: str = ""
+
+
+class JobMetricsPayload(_Open):
+    job_type: str
+    outcome: Literal["completed", "failed", "cancelled"]
+    duration_s: float = Field(ge=0)
+    queue_time_s: float = Field(ge=0)
+    cpu_hours: float = Field(default=0.0, ge=0)
+    bytes_processed: int = Field(default=0, ge=0)
+    peak_memory_mb: float = Field(default=0.0, ge=0)
+
+
+class HealthAlertPayload(_Open):
+    alert_id: str
+    rule: str
+    severity: Literal["info", "warning", "critical"]
+    subject: str
+    value: float
+    threshold: float
+    message: str = ""
+
+
+class HealthRecoveredPayload(_Open):
+    alert_id: str
+    rule: str
+    subject: str
+    value: float
+    threshold: float
+
+
+class ConsumerPayload(_Open):
+    consumer_group: str
+    host: str
+    pid: int
+    detail: str = ""
+
+
+class AuditRecordPayload(_Open):
+    action: str  # e.g. "health.alert.raised", "retention.run"
+    actor: str
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+# --- envelope -------------------------------------------------------------------------
+
+
+class Envelope(_Open):
+    event_id: uuid.UUID
+    event_type: str
+    job_id: str | None = None
+    occurred_at: AwareDatetime
+    producer: str
+    schema_version: int = SCHEMA_VERSION
+    trace_id: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+    )
+
+
+class _JobEvent(Envelope):
+    job_id: str = Field(min_length=1)
+
+
+class JobSubmitted(_JobEvent):
+    event_type: Literal["job.submitted"] = JOB_SUBMITTED
+    payload: JobSubmittedPayload
+
+
+class JobStarted(_JobEvent):
+    event_type: Literal["job.started"] = JOB_STARTED
+    payload: JobStartedPayload
+
+
+class JobCompleted(_JobEvent):
+    event_type: Literal["job.completed"] = JOB_COMPLETED
+    payload: JobCompletedPayload
+
+
+class JobFailed(_JobEvent):
+    event_type: Literal["job.failed"] = JOB_FAILED
+    payload: JobFailedPayload
+
+
+class JobCancelled(_JobEvent):
+    event_type: Literal["job.cancelled"] = JOB_CANCELLED
+    payload: JobCancelledPayload
+
+
+class JobMetrics(_JobEvent):
+    event_type: Literal["job.metrics"] = JOB_METRICS
+    payload: JobMetricsPayload
+
+
+class HealthAlert(Envelope):
+    event_type: Literal["health.alert"] = HEALTH_ALERT
+    payload: HealthAlertPayload
+
+
+class HealthRecovered(Envelope):
+    event_type: Literal["health.recovered"] = HEALTH_RECOVERED
+    payload: HealthRecoveredPayload
+
+
+class ConsumerStarted(Envelope):
+    event_type: Literal["consumer.started"] = CONSUMER_STARTED
+    payload: ConsumerPayload
+
+
+class ConsumerStopped(Envelope):
+    event_type: Literal["consumer.stopped"] = CONSUMER_STOPPED
+    payload: ConsumerPayload
+
+
+class ConsumerBrokerLost(Envelope):
+    event_type: Literal["consumer.broker_lost"] = CONSUMER_BROKER_LOST
+    payload: ConsumerPayload
+
+
+class AuditRecord(Envelope):
+    event_type: Literal["audit.record"] = AUDIT_RECORD
+    payload: AuditRecordPayload
+
+
+Event = Annotated[
+    JobSubmitted
+    | JobStarted
+    | JobCompleted
+    | JobFailed
+    | JobCancelled
+    | JobMetrics
+    | HealthAlert
+    | HealthRecovered
+    | ConsumerStarted
+    | ConsumerStopped
+    | ConsumerBrokerLost
+    | AuditRecord,
+    Field(discriminator="event_type"),
+]
+JobLifecycleEvent = JobSubmitted | JobStarted | JobCompleted | JobFailed | JobCancelled
+
+EVENT_TYPES: dict[str, type[Envelope]] = {
+    JOB_SUBMITTED: JobSubmitted,
+    JOB_STARTED: JobStarted,
+    JOB_COMPLETED: JobCompleted,
+    JOB_FAILED: JobFailed,
+    JOB_CANCELLED: JobCancelled,
+    JOB_METRICS: JobMetrics,
+    HEALTH_ALERT: HealthAlert,
+    HEALTH_RECOVERED: HealthRecovered,
+    CONSUMER_STARTED: ConsumerStarted,
+    CONSUMER_STOPPED: ConsumerStopped,
+    CONSUMER_BROKER_LOST: ConsumerBrokerLost,
+    AUDIT_RECORD: AuditRecord,
+}
+
+_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
+
+
+class EventDecodeError(ValueError):
+    """A message that is not a valid event. ``field`` is a dotted path, or ``None``."""
+
+    def __init__(self, reason: str, field: str | None = None, kind: str = "invalid") -> None:
+        self.reason = reason
+        self.field = field
+        self.kind = kind  # "malformed" (not JSON / not an object) or "invalid" (schema)
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+
+def new_event(cls: type[Envelope], *, producer: str, **fields: Any) -> Any:
+    """Build an event with a fresh id and the current UTC time unless given."""
+    fields.setdefault("event_id", uuid.uuid4())
+    fields.setdefault("occurred_at", datetime.now(UTC))
+    return cls(producer=producer, **fields)
+
+
+def encode(event: Envelope) -> bytes:
+    return event.model_dump_json().encode("utf-8")
+
+
+def headers_for(event: Envelope) -> list[tuple[str, bytes]]:
+    return [
+        ("event_type", event.event_type.encode()),
+        ("schema_version", str(event.schema_version).encode()),
+    ]
+
+
+def decode(raw: bytes | None) -> Event:
+    """Parse and validate one message value; the error names the first bad field."""
+    if raw is None:
+        raise EventDecodeError("message has no value (tombstone)", kind="malformed")
+    try:
+        return _ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        raise _describe(exc) from None
+
+
+def _describe(exc: ValidationError) -> EventDecodeError:
+    err = exc.errors(include_url=False)[0]
+    kind = err["type"]
+    if kind == "union_tag_invalid":
+        tag = str(err.get("ctx", {}).get("tag", "?"))[:100]
+        return EventDecodeError(f"unknown event_type {tag!r}", "event_type")
+    if kind == "union_tag_not_found":
+        return EventDecodeError("field required", "event_type")
+    if (
+        kind in ("json_invalid", "json_type", "model_type", "model_attributes_type")
+        or not err["loc"]
+    ):
+        return EventDecodeError(f"not a JSON object: {err['msg']}", kind="malformed")
+    loc = [str(p) for p in err["loc"]]
+    # The discriminated union puts the event_type tag first in the location.
+    if loc and loc[0] in EVENT_TYPES:
+        loc = loc[1:]
+    return EventDecodeError(err["msg"], ".".join(loc) or None)

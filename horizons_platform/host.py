@@ -1,0 +1,147 @@
+"""The consumer host: wires the four services to the one consumer loop (`horizons consume`).
+
+Each selected service gets its own ConsumerLoop (own consumer group) on a thread; the
+notification service also gets the outbox dispatcher, the health service the monitor.
+SIGTERM / SIGINT stop every loop after its current batch. If a loop loses the broker
+past the grace period, the whole host shuts down cleanly with that loop's exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from horizons_platform import events as ev
+from horizons_platform.kafka.admin import ensure_topics
+from horizons_platform.kafka.consumer import EXIT_OK, ConsumerLoop
+from horizons_platform.kafka.producer import Publisher
+from horizons_platform.runtime.monitor import HealthMonitor
+from horizons_platform.runtime.outbox import OutboxDispatcher
+from horizons_platform.services.notifications import NotificationHandler
+from horizons_platform.services.registry import HANDLERS
+from horizons_platform.settings import SERVICE_GROUPS, Settings
+from horizons_platform.store.connection import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Host:
+    settings: Settings
+    groups: tuple[str, ...] = SERVICE_GROUPS
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    loops: dict[str, ConsumerLoop] = field(default_factory=dict)
+    dispatcher: OutboxDispatcher | None = None
+    monitor: HealthMonitor | None = None
+    exit_codes: dict[str, int] = field(default_factory=dict)
+    # Extra periodic hooks (e.g. reporting materializations to Dagster); never block ingest.
+    background: list[Callable[[threading.Event], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.groups) - set(HANDLERS)
+        if unknown:
+            raise ValueError(f"unknown service(s) {sorted(unknown)}; choose from {list(HANDLERS)}")
+        self.store = Store(self.settings)
+        self.publisher = Publisher(self.settings)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        ensure_topics(self.settings)
+        self.store.ensure_schema()
+        for group in self.groups:
+            handler = HANDLERS[group](self.settings)
+            self.loops[group] = ConsumerLoop(
+                handler,
+                self.settings,
+                self.store,
+                publisher=self.publisher,
+                stop_event=self.stop_event,
+            )
+            if isinstance(handler, NotificationHandler):
+                self.dispatcher = OutboxDispatcher(self.settings, self.store, self.stop_event)
+                handler.on_new_notifications = self.dispatcher.wake
+                self._spawn("outbox", self.dispatcher.run)
+        if "system-health" in self.groups:
+            self.monitor = HealthMonitor(self.settings, self.store, self.publisher, self.stop_event)
+            self._spawn("health-monitor", self.monitor.run)
+        for hook in self.background:
+            self._spawn(getattr(hook, "__name__", "background"), lambda h=hook: h(self.stop_event))
+        for group, loop in self.loops.items():
+            self._spawn(f"consumer-{group}", lambda g=group, lp=loop: self._run_loop(g, lp))
+        self._announce(ev.ConsumerStarted, "started")
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _run_loop(self, group: str, loop: ConsumerLoop) -> None:
+        try:
+            code = loop.run()
+        except Exception:
+            log.exception("%s: consumer loop crashed", group)
+            code = 1
+        self.exit_codes[group] = code
+        if code != EXIT_OK:
+            # One service lost the broker or the store: stop the others cleanly too.
+            self.stop_event.set()
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        return all(loop.ready.wait(timeout) for loop in self.loops.values())
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def join(self, timeout: float | None = None) -> int:
+        for thread in self._threads:
+            thread.join(timeout)
+        if not any(self.exit_codes.values()):
+            self._announce(ev.ConsumerStopped, "stopped")
+        self.publisher.flush(2.0)
+        return max(self.exit_codes.values(), default=EXIT_OK)
+
+    def _announce(self, cls: type[ev.Envelope], detail: str) -> None:
+        for group in self.groups:
+            event = ev.new_event(
+                cls,
+                producer="consumer-host",
+                payload={
+                    "consumer_group": group,
+                    "host": socket.gethostname(),
+                    "pid": os.getpid(),
+                    "detail": detail,
+                },
+            )
+            self.publisher.send_async(
+                self.settings.topic_system_health,
+                ev.encode(event),
+                key=group,
+                headers=ev.headers_for(event),
+            )
+
+
+def run_host(
+    settings: Settings,
+    groups: Iterable[str] = SERVICE_GROUPS,
+    on_ready: Callable[[Host], None] | None = None,
+) -> int:
+    """Run until SIGINT/SIGTERM (exit 0) or a lost broker (non-zero)."""
+    host = Host(settings, tuple(groups))
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("received %s: stopping after the current batches", signal.Signals(signum).name)
+        host.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    host.start()
+    if host.wait_ready() and on_ready:
+        on_ready(host)
+    while not host.stop_event.wait(0.5):
+        pass
+    return host.join(settings.shutdown_timeout_s + settings.broker_grace_s)

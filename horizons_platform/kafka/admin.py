@@ -1,0 +1,115 @@
+"""Topics, partition counts and consumer lag, through librdkafka's admin API."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from confluent_kafka import (
+    OFFSET_INVALID,
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from horizons_platform.settings import Settings
+
+
+def admin_client(settings: Settings) -> AdminClient:
+    return AdminClient(settings.kafka_config())
+
+
+def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
+    """Create the contract's topics that are missing; existing ones are left alone."""
+    admin = admin_client(settings)
+    wanted = settings.topic_partitions()
+    existing = admin.list_topics(timeout=timeout).topics
+    new = [
+        NewTopic(name, num_partitions=parts, replication_factor=settings.replication_factor)
+        for name, parts in wanted.items()
+        if name not in existing
+    ]
+    if new:
+        for name, future in admin.create_topics(new, operation_timeout=timeout).items():
+            try:
+                future.result(timeout=timeout)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise RuntimeError(f"could not create topic {name}: {exc}") from exc
+    # Metadata propagates asynchronously; wait until every topic is visible.
+    deadline = time.monotonic() + timeout
+    while True:
+        parts = topic_partitions(settings, admin)
+        if all(name in parts for name in wanted) or time.monotonic() > deadline:
+            return {name: parts.get(name, 0) for name in wanted}
+        time.sleep(0.1)
+
+
+def topic_partitions(settings: Settings, admin: AdminClient | None = None) -> dict[str, int]:
+    admin = admin or admin_client(settings)
+    meta = admin.list_topics(timeout=10)
+    return {
+        name: len(t.partitions)
+        for name, t in meta.topics.items()
+        if not name.startswith("__") and t.error is None
+    }
+
+
+@dataclass(frozen=True)
+class PartitionLag:
+    group: str
+    topic: str
+    partition: int
+    committed: int  # next offset the group will read
+    high: int  # offset of the next message to be written
+    lag: int  # messages not yet consumed
+    age_s: float  # age of the oldest unconsumed message (0 when none)
+
+
+def group_lag(
+    settings: Settings, groups: dict[str, list[str]], timeout: float = 10.0
+) -> list[PartitionLag]:
+    """Lag per group and partition, in messages and seconds, from Kafka's committed offsets."""
+    admin = admin_client(settings)
+    probe = Consumer(
+        settings.kafka_config(**{"group.id": "horizons-lag-probe", "enable.auto.commit": False})
+    )
+    try:
+        meta = probe.list_topics(timeout=timeout)
+        result: list[PartitionLag] = []
+        for group, topics in groups.items():
+            tps = [
+                TopicPartition(t, p)
+                for t in topics
+                if t in meta.topics
+                for p in meta.topics[t].partitions
+            ]
+            request = [ConsumerGroupTopicPartitions(group, tps)]
+            committed = admin.list_consumer_group_offsets(request)[group].result(timeout=timeout)
+            for tp in committed.topic_partitions:
+                low, high = probe.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=timeout
+                )
+                start = tp.offset if tp.offset != OFFSET_INVALID and tp.offset >= 0 else low
+                lag = max(0, high - start)
+                age = _age_of(probe, tp.topic, tp.partition, start, timeout) if lag else 0.0
+                result.append(PartitionLag(group, tp.topic, tp.partition, start, high, lag, age))
+        return result
+    finally:
+        probe.close()
+
+
+def _age_of(probe: Consumer, topic: str, partition: int, offset: int, timeout: float) -> float:
+    """Seconds since the message at ``offset`` was produced (its Kafka timestamp)."""
+    probe.assign([TopicPartition(topic, partition, offset)])
+    try:
+        msg = probe.poll(timeout=min(timeout, 2.0))
+        if msg is None or msg.error():
+            return 0.0
+        _, ts_ms = msg.timestamp()
+        return max(0.0, time.time() - ts_ms / 1000.0) if ts_ms > 0 else 0.0
+    finally:
+        probe.unassign()

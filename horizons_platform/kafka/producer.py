@@ -1,0 +1,100 @@
+"""The idempotent publisher every service uses to write to Kafka."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaError, Message, Producer
+
+from horizons_platform.events import Envelope, encode, headers_for
+from horizons_platform.settings import Settings
+
+Headers = list[tuple[str, bytes]]
+
+
+class DeliveryError(RuntimeError):
+    """Kafka did not acknowledge a message (broker down past the timeout, rejected, …)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    topic: str
+    partition: int
+    offset: int
+
+
+class Publisher:
+    """``acks=all`` + idempotence: a retried send is never written twice by the broker."""
+
+    def __init__(self, settings: Settings, *, delivery_timeout_s: float = 15.0, **extra: object):
+        self.settings = settings
+        self.delivery_timeout_s = delivery_timeout_s
+        conf = settings.kafka_config(
+            **{
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 2,
+                "compression.type": "lz4",
+                "message.timeout.ms": int(delivery_timeout_s * 1000),
+                "client.id": f"horizons-{settings.producer_name}",
+            }
+        )
+        conf.update(extra)
+        self._producer = Producer(conf)
+        self._lock = threading.Lock()
+
+    def publish(self, topic: str, event: Envelope, key: str | None = None) -> Delivery:
+        """Send one event and wait for the broker's acknowledgement."""
+        key = key if key is not None else event.job_id
+        return self.send(topic, encode(event), key=key, headers=headers_for(event))
+
+    def send(
+        self, topic: str, value: bytes, *, key: str | bytes | None, headers: Headers | None = None
+    ) -> Delivery:
+        done = threading.Event()
+        outcome: list[Message | KafkaError] = []
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            outcome.append(err if err is not None else msg)
+            done.set()
+
+        self.send_async(topic, value, key=key, headers=headers, on_delivery=on_delivery)
+        # Poll until our callback fired; the timeout covers message.timeout.ms plus slack.
+        deadline = self.delivery_timeout_s + 5
+        waited = 0.0
+        while not done.is_set() and waited < deadline:
+            self._producer.poll(0.05)
+            waited += 0.05
+        if not outcome:
+            raise DeliveryError(f"no delivery report for {topic} after {deadline:.0f}s")
+        result = outcome[0]
+        if isinstance(result, KafkaError):
+            raise DeliveryError(f"delivery to {topic} failed: {result.str()}")
+        return Delivery(result.topic(), result.partition(), result.offset())
+
+    def send_async(
+        self,
+        topic: str,
+        value: bytes,
+        *,
+        key: str | bytes | None,
+        headers: Headers | None = None,
+        on_delivery: object = None,
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
+                )
+                return
+            except BufferError:
+                # The local queue is full: serve delivery reports to make room.
+                self._producer.poll(0.1)
+
+    def poll(self, timeout: float = 0) -> int:
+        return self._producer.poll(timeout)
+
+    def flush(self, timeout: float | None = None) -> int:
+        """Wait for outstanding messages; returns how many are still undelivered."""
+        return self._producer.flush(self.delivery_timeout_s if timeout is None else timeout)

@@ -1,0 +1,249 @@
+"""SystemHealthMonitor's measuring side: lag, rates and broker reachability on a timer.
+
+``collect_snapshot`` measures; :mod:`horizons_platform.services.health_rules` judges;
+``apply_evaluations`` records raises/recoveries in ``health_alerts`` (one transaction,
+so the monitor and a Dagster ``health_alert_job`` never raise the same alert twice),
+then publishes ``health.alert`` / ``health.recovered`` to ``system-health`` and an audit
+record to ``audit-trail``. The Dagster sensors call the same three functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from confluent_kafka import KafkaException
+
+from horizons_platform import events as ev
+from horizons_platform.kafka.admin import PartitionLag, group_lag
+from horizons_platform.kafka.producer import Publisher
+from horizons_platform.services import health_rules as rules
+from horizons_platform.services.registry import group_topics
+from horizons_platform.settings import Settings
+from horizons_platform.store import tables
+from horizons_platform.store.connection import Store
+
+log = logging.getLogger(__name__)
+
+
+def collect_snapshot(settings: Settings, store: Store) -> tuple[rules.Snapshot, list[PartitionLag]]:
+    snap = rules.Snapshot()
+    lags: list[PartitionLag] = []
+    try:
+        lags = group_lag(settings, group_topics(settings), timeout=5.0)
+    except (KafkaException, RuntimeError) as exc:
+        log.warning("health: cannot measure lag, broker unreachable? %s", exc)
+        snap.broker_reachable = False
+    for lag in lags:
+        snap.lag_messages[lag.group] = snap.lag_messages.get(lag.group, 0) + lag.lag
+        snap.lag_seconds[lag.group] = max(snap.lag_seconds.get(lag.group, 0.0), lag.age_s)
+    since = datetime.now(UTC) - timedelta(seconds=settings.health_window_s)
+    with store.transaction() as con:
+        rows = con.execute(
+            """
+            SELECT consumer_group, metric, sum(value) FROM health_signals
+            WHERE observed_at >= ?
+              AND metric IN ('processed', 'errors', 'dead_letters', 'job_failed')
+            GROUP BY ALL
+            """,
+            [since],
+        ).fetchall()
+    for group, metric, total in rows:
+        if metric == "job_failed":
+            snap.job_failures += total
+            continue
+        counts = snap.counts.setdefault(group, rules.GroupCounts())
+        setattr(counts, metric, total)
+    return snap, lags
+
+
+def lag_signal_rows(snap: rules.Snapshot, lags: list[PartitionLag]) -> list[dict[str, Any]]:
+    now = datetime.now(UTC)
+
+    def row(
+        group: str | None, topic: str | None, part: int | None, metric: str, v: float
+    ) -> dict[str, Any]:
+        return {
+            "observed_at": now,
+            "source": "monitor",
+            "consumer_group": group,
+            "topic": topic,
+            "partition": part,
+            "metric": metric,
+            "value": float(v),
+        }
+
+    out = [row(None, None, None, "broker_reachable", 1.0 if snap.broker_reachable else 0.0)]
+    for group, lag in snap.lag_messages.items():
+        out.append(row(group, None, None, "lag_messages", lag))
+        out.append(row(group, None, None, "lag_seconds", snap.lag_seconds.get(group, 0.0)))
+    for lag in lags:
+        if lag.lag:
+            out.append(row(lag.group, lag.topic, lag.partition, "lag_messages", lag.lag))
+    return out
+
+
+def apply_evaluations(
+    settings: Settings,
+    store: Store,
+    publisher: Publisher | None,
+    evaluations: list[rules.Evaluation],
+    *,
+    actor: str = "system-health-monitor",
+    extra_rows: list[dict[str, Any]] | None = None,
+) -> rules.Transitions:
+    """Record and publish what changed. Returns the transitions that were applied."""
+    now = datetime.now(UTC)
+    with store.transaction() as con:
+        open_rows = con.execute(
+            "SELECT rule, subject, alert_id FROM health_alerts WHERE resolved_at IS NULL"
+        ).fetchall()
+        todo = rules.transitions(evaluations, {(r, s): a for r, s, a in open_rows})
+        raised = [
+            {
+                "alert_id": str(uuid.uuid4()),
+                "rule": e.rule,
+                "severity": e.severity,
+                "subject": e.subject,
+                "value": e.value,
+                "threshold": e.threshold,
+                "message": e.message,
+                "raised_at": now,
+                "resolved_at": None,
+                "resolved_value": None,
+            }
+            for e in todo.raise_
+        ]
+        tables.insert(con, "health_alerts", raised)
+        for alert_id, e in todo.resolve:
+            con.execute(
+                "UPDATE health_alerts SET resolved_at = ?, resolved_value = ? WHERE alert_id = ?",
+                [now, e.value, alert_id],
+            )
+        tables.insert(con, "health_signals", extra_rows or [])
+    if publisher is not None and todo:
+        _publish(settings, publisher, raised, todo.resolve, actor)
+    for r in raised:
+        log.warning("health alert: %s", r["message"])
+    for _, e in todo.resolve:
+        log.info("health recovered: %s", e.message)
+    return todo
+
+
+def _publish(
+    settings: Settings,
+    publisher: Publisher,
+    raised: list[dict[str, Any]],
+    resolved: list[tuple[str, rules.Evaluation]],
+    actor: str,
+) -> None:
+    producer = f"{actor}@{socket.gethostname()}"
+    for r in raised:
+        alert = ev.new_event(
+            ev.HealthAlert,
+            producer=producer,
+            payload={
+                k: r[k]
+                for k in (
+                    "alert_id",
+                    "rule",
+                    "severity",
+                    "subject",
+                    "value",
+                    "threshold",
+                    "message",
+                )
+            },
+        )
+        publisher.send_async(
+            settings.topic_system_health,
+            ev.encode(alert),
+            key=r["subject"],
+            headers=ev.headers_for(alert),
+        )
+        _audit(settings, publisher, producer, actor, "health.alert.raised", r)
+    for alert_id, e in resolved:
+        rec = ev.new_event(
+            ev.HealthRecovered,
+            producer=producer,
+            payload={
+                "alert_id": alert_id,
+                "rule": e.rule,
+                "subject": e.subject,
+                "value": e.value,
+                "threshold": e.threshold,
+            },
+        )
+        publisher.send_async(
+            settings.topic_system_health, ev.encode(rec), key=e.subject, headers=ev.headers_for(rec)
+        )
+        _audit(
+            settings,
+            publisher,
+            producer,
+            actor,
+            "health.alert.recovered",
+            {"alert_id": alert_id, "rule": e.rule, "subject": e.subject, "value": e.value},
+        )
+    remaining = publisher.flush(10.0)
+    if remaining:
+        log.warning("health: %d alert messages not yet acknowledged by Kafka", remaining)
+
+
+def _audit(
+    settings: Settings,
+    publisher: Publisher,
+    producer: str,
+    actor: str,
+    action: str,
+    details: dict[str, Any],
+) -> None:
+    record = ev.new_event(
+        ev.AuditRecord,
+        producer=producer,
+        payload={
+            "action": action,
+            "actor": actor,
+            "details": {
+                k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in details.items()
+            },
+        },
+    )
+    publisher.send_async(
+        settings.topic_audit_trail, ev.encode(record), key=action, headers=ev.headers_for(record)
+    )
+
+
+def check_once(settings: Settings, store: Store, publisher: Publisher | None) -> rules.Transitions:
+    snap, lags = collect_snapshot(settings, store)
+    evaluations = rules.evaluate(snap, rules.Thresholds.from_settings(settings))
+    return apply_evaluations(
+        settings, store, publisher, evaluations, extra_rows=lag_signal_rows(snap, lags)
+    )
+
+
+class HealthMonitor:
+    """Runs ``check_once`` every ``health_interval_s`` inside the consumer host."""
+
+    def __init__(
+        self, settings: Settings, store: Store, publisher: Publisher, stop_event: threading.Event
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.stop_event = stop_event
+        self.ticks = 0
+        self.host = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.settings.health_interval_s):
+            try:
+                check_once(self.settings, self.store, self.publisher)
+                self.ticks += 1
+            except Exception:
+                log.exception("health: check failed; retrying next interval")

@@ -1,0 +1,106 @@
+"""NotificationService: an outbox row per notification, written with the ingest batch.
+
+The outbox row's id is derived from the event id and the kind, so a replayed event can
+never create a second notification, and its Message-ID is derived from that id, so a
+resend after a crash is recognisable as the same message.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from horizons_platform.events import (
+    JOB_CANCELLED,
+    JOB_COMPLETED,
+    JOB_FAILED,
+    JOB_SUBMITTED,
+    Envelope,
+)
+from horizons_platform.services.base import Handler, Output, Record, now
+
+_NAMESPACE = uuid.UUID("6f1c3f0e-6d38-4c8e-9a55-8c1e6f3a2b10")
+KINDS = {
+    JOB_COMPLETED: "completed",
+    JOB_FAILED: "failed",
+    JOB_CANCELLED: "cancelled",
+    JOB_SUBMITTED: "submitted",
+}
+
+
+def notification_id(event_id: str, kind: str) -> str:
+    return str(uuid.uuid5(_NAMESPACE, f"{event_id}:{kind}"))
+
+
+def message_id(notification: str) -> str:
+    return f"<{notification}@horizons.local>"
+
+
+def render(event: Envelope, kind: str) -> tuple[str, str]:
+    """Subject and body of the e-mail for one lifecycle event."""
+    p: Any = event.payload  # type: ignore[attr-defined]
+    subject = f"[horizons] job {event.job_id} {kind}"
+    lines = [
+        f"Your {p.job_type} job {event.job_id} {kind} at {event.occurred_at.isoformat()}.",
+    ]
+    if kind == "failed":
+        lines.append(
+            f"Error: {p.error}" + (f" (exit code {p.exit_code})" if p.exit_code is not None else "")
+        )
+    elif kind == "cancelled" and p.reason:
+        lines.append(f"Reason: {p.reason}" + (f" (by {p.cancelled_by})" if p.cancelled_by else ""))
+    elif kind == "completed" and p.output_bytes:
+        lines.append(f"Output: {p.output_bytes} bytes.")
+    lines.append(f"Event id: {event.event_id}")
+    return subject, "\n".join(lines) + "\n"
+
+
+class NotificationHandler(Handler):
+    group = "notifications"
+
+    def topics(self) -> list[str]:
+        return [self.settings.topic_job_lifecycle]
+
+    def kinds(self) -> set[str]:
+        wanted = {JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED}
+        if self.settings.notify_on_submit:
+            wanted.add(JOB_SUBMITTED)
+        return wanted
+
+    def handle(self, record: Record) -> Output:
+        event = record.event
+        assert event is not None
+        if event.event_type not in self.kinds():
+            return []
+        kind = KINDS[event.event_type]
+        nid = notification_id(str(event.event_id), kind)
+        subject, body = render(event, kind)
+        created = now()
+        return [
+            (
+                "notifications",
+                {
+                    "notification_id": nid,
+                    "event_id": str(event.event_id),
+                    "job_id": event.job_id,
+                    "kind": kind,
+                    "recipient": event.payload.owner,  # type: ignore[attr-defined]
+                    "subject": subject,
+                    "body": body,
+                    "message_id": message_id(nid),
+                    "status": "pending",
+                    "attempts": 0,
+                    "created_at": created,
+                    "next_attempt_at": created,
+                    "sent_at": None,
+                    "error": None,
+                },
+            )
+        ]
+
+    def after_commit(self, rows: Any) -> None:
+        if rows.tables.get("notifications") and self.on_new_notifications is not None:
+            self.on_new_notifications()
+
+    # Set by the host to wake the outbox dispatcher without waiting for its next tick.
+    on_new_notifications: Any = None

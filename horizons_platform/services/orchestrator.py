@@ -1,0 +1,213 @@
+"""JobOrchestratorService: the publisher of job lifecycles, guarding the job state machine.
+
+An illegal transition raises :class:`IllegalTransition` and publishes nothing. Every
+call waits for the broker's acknowledgement and returns the delivery. On start the
+service rebuilds job states from the ``job-lifecycle`` topic, so it survives restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+from horizons_platform import events as ev
+from horizons_platform.kafka.producer import Delivery, DeliveryError, Publisher
+from horizons_platform.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SUBMITTED, RUNNING, COMPLETED, FAILED, CANCELLED = (
+    "submitted",
+    "running",
+    "completed",
+    "failed",
+    "cancelled",
+)
+TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
+# event type → (states it may follow, state it leads to); None = job unknown.
+TRANSITIONS: dict[str, tuple[frozenset[str | None], str]] = {
+    ev.JOB_SUBMITTED: (frozenset({None}), SUBMITTED),
+    ev.JOB_STARTED: (frozenset({SUBMITTED}), RUNNING),
+    ev.JOB_COMPLETED: (frozenset({RUNNING}), COMPLETED),
+    ev.JOB_FAILED: (frozenset({SUBMITTED, RUNNING}), FAILED),
+    ev.JOB_CANCELLED: (frozenset({SUBMITTED, RUNNING}), CANCELLED),
+}
+
+
+class IllegalTransition(ValueError):
+    pass
+
+
+def next_state(current: str | None, event_type: str, job_id: str) -> str:
+    allowed, target = TRANSITIONS[event_type]
+    if current not in allowed:
+        verb = event_type.split(".", 1)[1]
+        if current is None:
+            raise IllegalTransition(f"job {job_id} is unknown: cannot mark it {verb}")
+        raise IllegalTransition(f"job {job_id} is {current}: cannot mark it {verb}")
+    return target
+
+
+class JobOrchestratorService:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: Publisher | None = None,
+        *,
+        recover: bool = True,
+        wait: bool = True,
+    ) -> None:
+        """``wait=False`` pipelines sends (bulk simulation): call ``flush()`` to confirm."""
+        self.settings = settings
+        self.wait = wait
+        self.publisher = publisher or Publisher(settings)
+        self.producer_name = settings.producer_name
+        self._jobs: dict[str, dict[str, Any]] = {}  # job_id → {state, owner, job_type, times}
+        self._lock = threading.Lock()
+        if recover:
+            self.recover()
+
+    # --- state -------------------------------------------------------------------------
+
+    def state(self, job_id: str) -> str | None:
+        job = self._jobs.get(job_id)
+        return job["state"] if job else None
+
+    def recover(self, timeout: float = 30.0) -> int:
+        """Fold the job-lifecycle topic (up to its current end) into job states."""
+        consumer = Consumer(
+            self.settings.kafka_config(
+                **{"group.id": "horizons-orchestrator-recovery", "enable.auto.commit": False}
+            )
+        )
+        try:
+            topic = self.settings.topic_job_lifecycle
+            meta = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+            if meta is None or meta.error is not None:
+                return 0
+            ends: dict[int, int] = {}
+            assign = []
+            for p in meta.partitions:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=timeout
+                )
+                if high > low:
+                    ends[p] = high
+                    assign.append(TopicPartition(topic, p, low))
+            consumer.assign(assign)
+            seen = 0
+            deadline = time.monotonic() + timeout
+            while ends and time.monotonic() < deadline:
+                for msg in consumer.consume(1000, timeout=0.5):
+                    if msg.error():
+                        continue
+                    if msg.offset() + 1 >= ends.get(msg.partition(), 0):
+                        ends.pop(msg.partition(), None)
+                    try:
+                        event = ev.decode(msg.value())
+                    except ev.EventDecodeError:
+                        continue
+                    if event.event_type in TRANSITIONS:
+                        self._fold(event)
+                        seen += 1
+            log.info("orchestrator: recovered %d jobs from %d events", len(self._jobs), seen)
+            return seen
+        finally:
+            consumer.close()
+
+    def _fold(self, event: Any) -> None:
+        _, target = TRANSITIONS[event.event_type]
+        job = self._jobs.setdefault(event.job_id, {})
+        job["state"] = target
+        job.setdefault("owner", getattr(event.payload, "owner", None))
+        job.setdefault("job_type", getattr(event.payload, "job_type", None))
+        job[target + "_at"] = event.occurred_at
+
+    # --- commands ----------------------------------------------------------------------
+
+    def _publish(self, cls: type[ev.Envelope], job_id: str, **payload: Any) -> Delivery | None:
+        with self._lock:
+            current = self.state(job_id)
+            next_state(current, cls.model_fields["event_type"].default, job_id)
+            job = self._jobs.get(job_id, {})
+            payload.setdefault("owner", job.get("owner"))
+            payload.setdefault("job_type", job.get("job_type"))
+            event = ev.new_event(cls, producer=self.producer_name, job_id=job_id, payload=payload)
+            delivery = self._send(self.settings.topic_job_lifecycle, event)
+            self._fold(event)
+            return delivery
+
+    def _send(self, topic: str, event: ev.Envelope) -> Delivery | None:
+        if self.wait:
+            return self.publisher.publish(topic, event)
+        self.publisher.send_async(
+            topic,
+            ev.encode(event),
+            key=event.job_id,
+            headers=ev.headers_for(event),
+            on_delivery=self._on_delivery,
+        )
+        self.publisher.poll(0)
+        return None
+
+    def _on_delivery(self, err: object, msg: object) -> None:
+        if err is not None:
+            self.failed_deliveries += 1
+
+    failed_deliveries = 0
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait for pipelined sends; raise if any was not acknowledged."""
+        remaining = self.publisher.flush(timeout)
+        if remaining or self.failed_deliveries:
+            raise DeliveryError(
+                f"{remaining} messages unacknowledged, {self.failed_deliveries} failed"
+            )
+
+    def submit_job(
+        self,
+        job_id: str,
+        *,
+        owner: str,
+        job_type: str,
+        priority: int = 0,
+        params: dict[str, Any] | None = None,
+    ) -> Delivery | None:
+        return self._publish(
+            ev.JobSubmitted,
+            job_id,
+            owner=owner,
+            job_type=job_type,
+            priority=priority,
+            params=params or {},
+        )
+
+    def start_job(self, job_id: str, *, worker: str = "worker-1") -> Delivery | None:
+        return self._publish(ev.JobStarted, job_id, worker=worker)
+
+    def complete_job(self, job_id: str, *, output_bytes: int = 0) -> Delivery | None:
+        return self._publish(ev.JobCompleted, job_id, output_bytes=output_bytes)
+
+    def fail_job(self, job_id: str, *, error: str, exit_code: int | None = None) -> Delivery | None:
+        return self._publish(ev.JobFailed, job_id, error=error, exit_code=exit_code)
+
+    def cancel_job(
+        self, job_id: str, *, reason: str = "", cancelled_by: str = ""
+    ) -> Delivery | None:
+        return self._publish(ev.JobCancelled, job_id, reason=reason, cancelled_by=cancelled_by)
+
+    def publish_metrics(self, job_id: str, **metrics: Any) -> Delivery | None:
+        """Send the job's metrics (after it finished) to ``job-metrics``."""
+        job = self._jobs.get(job_id)
+        if job is None or job["state"] not in TERMINAL:
+            raise IllegalTransition(f"job {job_id} has not finished: no metrics yet")
+        metrics.setdefault("job_type", job.get("job_type"))
+        metrics.setdefault("outcome", job["state"])
+        event = ev.new_event(
+            ev.JobMetrics, producer=self.producer_name, job_id=job_id, payload=metrics
+        )
+        return self._send(self.settings.topic_job_metrics, event)

@@ -1,0 +1,153 @@
+"""Every knob of the platform, in one pydantic settings model.
+
+Each field can be set from the environment as ``HORIZONS_<FIELD>`` (upper case),
+e.g. ``HORIZONS_BROKER_PORT=19092`` or ``HORIZONS_DUCKDB_PATH=/data/h.duckdb``.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The consumer groups of the contract, in the order the host starts them.
+SERVICE_GROUPS = ("notifications", "compliance-auditor", "metrics", "system-health")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HORIZONS_", extra="ignore")
+
+    # --- state on disk -------------------------------------------------------------
+    var_dir: Path = Path("var")
+    duckdb_path: Path | None = None  # default: <var_dir>/horizons.duckdb
+    dagster_home: Path | None = None  # default: <var_dir>/dagster
+
+    # --- Kafka ---------------------------------------------------------------------
+    # An existing cluster; when set, the embedded broker is never started.
+    kafka_bootstrap: str | None = None
+    broker_port: int = 9092
+    broker_controller_port: int | None = None  # default: broker_port + 1
+    broker_heap: str = "512m"
+    kafka_version: str = "4.1.1"
+    kafka_cache_dir: Path = Path.home() / ".cache" / "horizons" / "kafka"
+    broker_start_timeout_s: float = 60.0
+    # Passed through to librdkafka for production clusters (SASL/SSL, ...).
+    kafka_security_protocol: str | None = None
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_ca_location: str | None = None
+
+    topic_job_lifecycle: str = "job-lifecycle"
+    topic_job_metrics: str = "job-metrics"
+    topic_audit_trail: str = "audit-trail"
+    topic_system_health: str = "system-health"
+    topic_dlq: str = "horizons-dlq"
+    partitions_job_lifecycle: int = 6
+    partitions_job_metrics: int = 6
+    partitions_audit_trail: int = 3
+    partitions_system_health: int = 3
+    partitions_dlq: int = 3
+    replication_factor: int = 1
+
+    # --- consumer loop ---------------------------------------------------------------
+    batch_max_messages: int = 2000
+    batch_max_wait_s: float = 0.05
+    broker_grace_s: float = 30.0  # how long consumers ride out a lost broker
+    shutdown_timeout_s: float = 15.0
+
+    # --- DuckDB connector --------------------------------------------------------------
+    lock_deadline_s: float = 60.0
+    lock_backoff_initial_s: float = 0.005
+    lock_backoff_max_s: float = 0.25
+
+    # --- notifications / SMTP ------------------------------------------------------------
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 8025
+    smtp_starttls: bool = False
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    smtp_from: str = "horizons@localhost"
+    smtp_timeout_s: float = 5.0
+    smtp_max_attempts: int = 5
+    smtp_backoff_initial_s: float = 0.5
+    smtp_backoff_max_s: float = 30.0
+    notify_on_submit: bool = False
+
+    # --- metrics service --------------------------------------------------------------
+    metrics_window_jobs: int = 10_000
+    metrics_window_s: float = 3600.0
+
+    # --- health rules ------------------------------------------------------------------
+    health_interval_s: float = 5.0
+    health_window_s: float = 300.0
+    health_lag_messages_threshold: int = 5_000
+    health_lag_seconds_threshold: float = 60.0
+    health_error_rate_threshold: float = 0.05
+    health_dead_letter_rate_threshold: float = 0.05
+    health_min_events_for_rate: int = 20
+    health_job_failures_threshold: int = 0
+
+    # --- compliance ---------------------------------------------------------------------
+    retention_days: int = 90
+
+    # --- Dagster -----------------------------------------------------------------------
+    ui_host: str = "127.0.0.1"
+    ui_port: int = 3000
+    report_materializations: bool = True
+    materialization_interval_s: float = 10.0
+
+    producer_name: str = Field(default="horizons-orchestrator")
+
+    @cached_property
+    def database(self) -> Path:
+        return self.duckdb_path or self.var_dir / "horizons.duckdb"
+
+    @cached_property
+    def dagster_dir(self) -> Path:
+        return self.dagster_home or self.var_dir / "dagster"
+
+    @cached_property
+    def broker_dir(self) -> Path:
+        return self.var_dir / "broker"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return not self.kafka_bootstrap
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.broker_port}"
+
+    @property
+    def controller_port(self) -> int:
+        return self.broker_controller_port or self.broker_port + 1
+
+    def topic_partitions(self) -> dict[str, int]:
+        return {
+            self.topic_job_lifecycle: self.partitions_job_lifecycle,
+            self.topic_job_metrics: self.partitions_job_metrics,
+            self.topic_audit_trail: self.partitions_audit_trail,
+            self.topic_system_health: self.partitions_system_health,
+            self.topic_dlq: self.partitions_dlq,
+        }
+
+    def kafka_config(self, **extra: object) -> dict[str, object]:
+        """librdkafka settings shared by every client, plus ``extra``."""
+        conf: dict[str, object] = {"bootstrap.servers": self.bootstrap}
+        optional = {
+            "security.protocol": self.kafka_security_protocol,
+            "sasl.mechanism": self.kafka_sasl_mechanism,
+            "sasl.username": self.kafka_sasl_username,
+            "sasl.password": self.kafka_sasl_password,
+            "ssl.ca.location": self.kafka_ssl_ca_location,
+        }
+        conf.update({k: v for k, v in optional.items() if v is not None})
+        conf.update(extra)
+        return conf
+
+
+def get_settings(**overrides: object) -> Settings:
+    return Settings(**overrides)  # type: ignore[arg-type]

@@ -1,0 +1,205 @@
+"""Versioned migrations of the DuckDB schema. Append new versions; never edit old ones.
+
+``partition`` and ``offset`` are SQL keywords: quote them ("offset") in hand-written SQL.
+"""
+
+from __future__ import annotations
+
+import duckdb
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE job_events (
+            event_id VARCHAR PRIMARY KEY,
+            event_type VARCHAR NOT NULL,
+            job_id VARCHAR NOT NULL,
+            occurred_at TIMESTAMPTZ NOT NULL,
+            producer VARCHAR,
+            schema_version INTEGER,
+            trace_id VARCHAR,
+            payload JSON,
+            topic VARCHAR NOT NULL,
+            "partition" INTEGER NOT NULL,
+            "offset" BIGINT NOT NULL,
+            ingested_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE jobs (
+            job_id VARCHAR PRIMARY KEY,
+            status VARCHAR NOT NULL,
+            owner VARCHAR,
+            job_type VARCHAR,
+            submitted_at TIMESTAMPTZ,
+            started_at TIMESTAMPTZ,
+            finished_at TIMESTAMPTZ,
+            duration_s DOUBLE,
+            queue_time_s DOUBLE,
+            last_event_id VARCHAR,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE job_metrics (
+            event_id VARCHAR PRIMARY KEY,
+            job_id VARCHAR NOT NULL,
+            job_type VARCHAR,
+            outcome VARCHAR,
+            duration_s DOUBLE,
+            queue_time_s DOUBLE,
+            cpu_hours DOUBLE,
+            bytes_processed BIGINT,
+            peak_memory_mb DOUBLE,
+            occurred_at TIMESTAMPTZ NOT NULL,
+            ingested_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE metrics_hourly (
+            bucket_start TIMESTAMPTZ NOT NULL,
+            job_type VARCHAR NOT NULL,
+            outcome VARCHAR NOT NULL,
+            jobs BIGINT NOT NULL,
+            p50_duration_s DOUBLE,
+            p95_duration_s DOUBLE,
+            avg_queue_time_s DOUBLE,
+            cpu_hours DOUBLE,
+            bytes_processed BIGINT,
+            computed_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (bucket_start, job_type, outcome)
+        );
+        CREATE TABLE metrics_daily (
+            bucket_start TIMESTAMPTZ NOT NULL,
+            job_type VARCHAR NOT NULL,
+            outcome VARCHAR NOT NULL,
+            jobs BIGINT NOT NULL,
+            p50_duration_s DOUBLE,
+            p95_duration_s DOUBLE,
+            avg_queue_time_s DOUBLE,
+            cpu_hours DOUBLE,
+            bytes_processed BIGINT,
+            computed_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (bucket_start, job_type, outcome)
+        );
+        CREATE TABLE audit_log (
+            seq BIGINT PRIMARY KEY,
+            event_id VARCHAR,
+            job_id VARCHAR,
+            event_type VARCHAR,
+            occurred_at TIMESTAMPTZ,
+            recorded_at TIMESTAMPTZ NOT NULL,
+            topic VARCHAR NOT NULL,
+            "partition" INTEGER NOT NULL,
+            "offset" BIGINT NOT NULL,
+            valid BOOLEAN NOT NULL,
+            validation_error VARCHAR,
+            payload JSON,
+            raw BLOB,
+            prev_hash VARCHAR NOT NULL,
+            hash VARCHAR NOT NULL,
+            UNIQUE (topic, "partition", "offset")
+        );
+        CREATE TABLE audit_checkpoints (
+            checkpoint_id VARCHAR PRIMARY KEY,
+            created_at TIMESTAMPTZ NOT NULL,
+            cutoff TIMESTAMPTZ NOT NULL,
+            removed_count BIGINT NOT NULL,
+            first_removed_seq BIGINT,
+            last_removed_seq BIGINT,
+            last_removed_hash VARCHAR,
+            removed_ranges JSON
+        );
+        CREATE TABLE compliance_reports (
+            report_id VARCHAR PRIMARY KEY,
+            generated_at TIMESTAMPTZ NOT NULL,
+            total_events BIGINT NOT NULL,
+            valid_events BIGINT,
+            invalid_events BIGINT,
+            jobs_covered BIGINT NOT NULL,
+            retention_days INTEGER NOT NULL,
+            retention_status VARCHAR NOT NULL,
+            retention_compliant BOOLEAN NOT NULL,
+            expired_records BIGINT,
+            chain_verified BOOLEAN NOT NULL,
+            chain_error VARCHAR,
+            oldest_event TIMESTAMPTZ,
+            newest_event TIMESTAMPTZ,
+            report JSON
+        );
+        CREATE TABLE notifications (
+            notification_id VARCHAR PRIMARY KEY,
+            event_id VARCHAR NOT NULL,
+            job_id VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            recipient VARCHAR NOT NULL,
+            subject VARCHAR NOT NULL,
+            body VARCHAR NOT NULL,
+            message_id VARCHAR NOT NULL,
+            status VARCHAR NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            created_at TIMESTAMPTZ NOT NULL,
+            next_attempt_at TIMESTAMPTZ,
+            claimed_at TIMESTAMPTZ,
+            sent_at TIMESTAMPTZ,
+            resends INTEGER NOT NULL DEFAULT 0,
+            error VARCHAR
+        );
+        CREATE TABLE health_signals (
+            observed_at TIMESTAMPTZ NOT NULL,
+            source VARCHAR NOT NULL,
+            consumer_group VARCHAR,
+            topic VARCHAR,
+            "partition" INTEGER,
+            metric VARCHAR NOT NULL,
+            value DOUBLE NOT NULL
+        );
+        CREATE TABLE health_alerts (
+            alert_id VARCHAR PRIMARY KEY,
+            rule VARCHAR NOT NULL,
+            severity VARCHAR NOT NULL,
+            subject VARCHAR NOT NULL,
+            value DOUBLE,
+            threshold DOUBLE,
+            message VARCHAR,
+            raised_at TIMESTAMPTZ NOT NULL,
+            resolved_at TIMESTAMPTZ,
+            resolved_value DOUBLE
+        );
+        CREATE TABLE dead_letters (
+            consumer_group VARCHAR NOT NULL,
+            topic VARCHAR NOT NULL,
+            "partition" INTEGER NOT NULL,
+            "offset" BIGINT NOT NULL,
+            error_class VARCHAR NOT NULL,
+            error_message VARCHAR NOT NULL,
+            raw BLOB,
+            "key" BLOB,
+            received_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (consumer_group, topic, "partition", "offset")
+        );
+        CREATE TABLE consumer_offsets (
+            consumer_group VARCHAR NOT NULL,
+            topic VARCHAR NOT NULL,
+            "partition" INTEGER NOT NULL,
+            next_offset BIGINT NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (consumer_group, topic, "partition")
+        );
+        """,
+    ),
+]
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> int:
+    """Apply pending migrations; returns the schema version afterwards."""
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations "
+        "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT now())"
+    )
+    row = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchone()
+    current = int(row[0]) if row else 0
+    for version, sql in MIGRATIONS:
+        if version <= current:
+            continue
+        con.execute("BEGIN TRANSACTION")
+        con.execute(sql)
+        con.execute("INSERT INTO schema_migrations (version) VALUES (?)", [version])
+        con.execute("COMMIT")
+        current = version
+    return current

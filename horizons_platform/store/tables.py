@@ -1,0 +1,181 @@
+"""Bulk writes and the few reads the consumers need, all through Arrow.
+
+Rows arrive as lists of dicts (one shape per table per batch); they become one Arrow
+table and one ``INSERT … SELECT`` — never row-by-row inserts on the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+# Primary/unique key per table; an insert that meets an existing key is a no-op, which
+# makes every replay of an already-stored event harmless.
+TABLE_KEYS: dict[str, tuple[str, ...]] = {
+    "job_events": ("event_id",),
+    "job_metrics": ("event_id",),
+    "audit_log": ("seq",),
+    "notifications": ("notification_id",),
+    "health_alerts": ("alert_id",),
+    "dead_letters": ("consumer_group", "topic", "partition", "offset"),
+    "health_signals": (),
+}
+
+
+def _q(column: str) -> str:
+    return f'"{column}"'
+
+
+def insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert ``rows`` (all with the same keys); existing keys are skipped."""
+    if not rows:
+        return 0
+    arrow = pa.Table.from_pylist(list(rows))
+    cols = ", ".join(_q(c) for c in arrow.column_names)
+    conflict = " ON CONFLICT DO NOTHING" if TABLE_KEYS.get(table) else ""
+    con.register("_horizons_batch", arrow)
+    try:
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _horizons_batch{conflict}")
+    finally:
+        con.unregister("_horizons_batch")
+    return len(rows)
+
+
+_JOB_COLUMNS = (
+    "job_id",
+    "status",
+    "owner",
+    "job_type",
+    "submitted_at",
+    "started_at",
+    "finished_at",
+    "duration_s",
+    "queue_time_s",
+    "last_event_id",
+    "updated_at",
+)
+
+
+def fold_job_updates(updates: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge several updates of one job (in order) into one row per job.
+
+    DuckDB refuses to update one row twice in a single ``ON CONFLICT DO UPDATE``.
+    """
+    merged: dict[str, dict[str, Any]] = {}
+    for update in updates:
+        row = merged.setdefault(update["job_id"], dict.fromkeys(_JOB_COLUMNS))
+        for key, value in update.items():
+            if value is not None:
+                row[key] = value
+    return list(merged.values())
+
+
+def upsert_jobs(con: duckdb.DuckDBPyConnection, updates: Sequence[dict[str, Any]]) -> int:
+    rows = fold_job_updates(updates)
+    if not rows:
+        return 0
+    schema = pa.schema(
+        [
+            ("job_id", pa.string()),
+            ("status", pa.string()),
+            ("owner", pa.string()),
+            ("job_type", pa.string()),
+            ("submitted_at", pa.timestamp("us", tz="UTC")),
+            ("started_at", pa.timestamp("us", tz="UTC")),
+            ("finished_at", pa.timestamp("us", tz="UTC")),
+            ("duration_s", pa.float64()),
+            ("queue_time_s", pa.float64()),
+            ("last_event_id", pa.string()),
+            ("updated_at", pa.timestamp("us", tz="UTC")),
+        ]
+    )
+    con.register("_horizons_jobs", pa.Table.from_pylist(rows, schema=schema))
+    try:
+        # Later events fill in what earlier ones left empty; durations are derived from
+        # whichever side (batch or table) knows the start and the finish.
+        con.execute(
+            """
+            INSERT INTO jobs SELECT * FROM _horizons_jobs
+            ON CONFLICT (job_id) DO UPDATE SET
+                status = coalesce(excluded.status, jobs.status),
+                owner = coalesce(excluded.owner, jobs.owner),
+                job_type = coalesce(excluded.job_type, jobs.job_type),
+                submitted_at = coalesce(excluded.submitted_at, jobs.submitted_at),
+                started_at = coalesce(excluded.started_at, jobs.started_at),
+                finished_at = coalesce(excluded.finished_at, jobs.finished_at),
+                duration_s = coalesce(
+                    excluded.duration_s,
+                    epoch(coalesce(excluded.finished_at, jobs.finished_at))
+                      - epoch(coalesce(excluded.started_at, jobs.started_at))),
+                queue_time_s = coalesce(
+                    excluded.queue_time_s,
+                    epoch(coalesce(excluded.started_at, jobs.started_at))
+                      - epoch(coalesce(excluded.submitted_at, jobs.submitted_at))),
+                last_event_id = coalesce(excluded.last_event_id, jobs.last_event_id),
+                updated_at = excluded.updated_at
+            """
+        )
+    finally:
+        con.unregister("_horizons_jobs")
+    return len(rows)
+
+
+def save_offsets(
+    con: duckdb.DuckDBPyConnection, group: str, next_offsets: dict[tuple[str, int], int]
+) -> None:
+    if not next_offsets:
+        return
+    now = datetime.now(UTC)
+    rows = [
+        {"consumer_group": group, "topic": t, "partition": p, "next_offset": o, "updated_at": now}
+        for (t, p), o in next_offsets.items()
+    ]
+    con.register("_horizons_offsets", pa.Table.from_pylist(rows))
+    try:
+        con.execute(
+            """
+            INSERT INTO consumer_offsets SELECT consumer_group, topic, "partition",
+                next_offset, updated_at FROM _horizons_offsets
+            ON CONFLICT (consumer_group, topic, "partition") DO UPDATE SET
+                next_offset = excluded.next_offset, updated_at = excluded.updated_at
+            """
+        )
+    finally:
+        con.unregister("_horizons_offsets")
+
+
+def stored_offsets(con: duckdb.DuckDBPyConnection, group: str) -> dict[tuple[str, int], int]:
+    rows = con.execute(
+        'SELECT topic, "partition", next_offset FROM consumer_offsets WHERE consumer_group = ?',
+        [group],
+    ).fetchall()
+    return {(t, p): o for t, p, o in rows}
+
+
+def audit_tail(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
+    """The last (seq, hash) of the chain, including records removed by retention."""
+    row = con.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
+    checkpoint = con.execute(
+        "SELECT last_removed_seq, last_removed_hash FROM audit_checkpoints "
+        "WHERE last_removed_seq IS NOT NULL ORDER BY last_removed_seq DESC LIMIT 1"
+    ).fetchone()
+    candidates = [r for r in (row, checkpoint) if r is not None]
+    if not candidates:
+        return 0, None
+    seq, digest = max(candidates, key=lambda r: r[0])
+    return int(seq), digest
+
+
+def audited_offsets(
+    con: duckdb.DuckDBPyConnection, topic: str, partition: int, low: int, high: int
+) -> set[int]:
+    rows = con.execute(
+        'SELECT "offset" FROM audit_log WHERE topic = ? AND "partition" = ? '
+        'AND "offset" BETWEEN ? AND ?',
+        [topic, partition, low, high],
+    ).fetchall()
+    return {r[0] for r in rows}
