@@ -71,6 +71,12 @@ def fold_job_updates(updates: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         for key, value in update.items():
             if value is not None:
                 row[key] = value
+    for row in merged.values():
+        # When the batch itself holds both ends, the durations are known right here.
+        if row["started_at"] and row["finished_at"]:
+            row["duration_s"] = (row["finished_at"] - row["started_at"]).total_seconds()
+        if row["submitted_at"] and row["started_at"]:
+            row["queue_time_s"] = (row["started_at"] - row["submitted_at"]).total_seconds()
     return list(merged.values())
 
 

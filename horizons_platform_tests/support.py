@@ -1,0 +1,141 @@
+"""Helpers shared by the tests: free ports, waiting on conditions, an SMTP sink, reading
+topics. No mocks here — everything talks to real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from email import message_from_bytes
+from email.message import Message
+from typing import Any, TypeVar
+
+from aiosmtpd.controller import Controller
+from confluent_kafka import Consumer, TopicPartition
+
+from horizons_platform.settings import Settings
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(
+    condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = ""
+) -> T:
+    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    last: T = condition()
+    while not last:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or condition}")
+        time.sleep(interval)
+        last = condition()
+    return last
+
+
+def unique_topics(prefix: str | None = None) -> dict[str, str]:
+    """Settings overrides giving a test its own topics (isolation on a shared broker)."""
+    tag = prefix or uuid.uuid4().hex[:8]
+    return {
+        "topic_job_lifecycle": f"job-lifecycle-{tag}",
+        "topic_job_metrics": f"job-metrics-{tag}",
+        "topic_audit_trail": f"audit-trail-{tag}",
+        "topic_system_health": f"system-health-{tag}",
+        "topic_dlq": f"horizons-dlq-{tag}",
+    }
+
+
+@dataclass
+class SmtpSink:
+    """A real SMTP server (aiosmtpd) on loopback that keeps what it received."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    messages: list[Message] = field(default_factory=list)
+    received_at: list[float] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _controller: Controller | None = None
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        msg = message_from_bytes(envelope.content)
+        with self._lock:
+            self.messages.append(msg)
+            self.received_at.append(time.time())
+        return "250 OK"
+
+    def start(self) -> SmtpSink:
+        self._controller = Controller(self, hostname=self.host, port=self.port)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def message_ids(self) -> list[str]:
+        with self._lock:
+            return [str(m["Message-ID"]) for m in self.messages]
+
+    def for_job(self, job_id: str) -> list[Message]:
+        with self._lock:
+            return [m for m in self.messages if job_id in str(m["Subject"])]
+
+
+def read_topic(settings: Settings, topic: str, timeout: float = 10.0) -> list[Any]:
+    """Every message currently in ``topic`` (all partitions, from the beginning)."""
+    consumer = Consumer(
+        settings.kafka_config(
+            **{"group.id": f"test-reader-{uuid.uuid4().hex[:6]}", "enable.auto.commit": False}
+        )
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
+        ends = {}
+        assign = []
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            if high > low:
+                ends[p] = high
+                assign.append(TopicPartition(topic, p, low))
+        consumer.assign(assign)
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while ends and time.monotonic() < deadline:
+            for msg in consumer.consume(500, timeout=0.2):
+                if msg.error():
+                    continue
+                out.append(msg)
+                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
+                    ends.pop(msg.partition(), None)
+        return out
+    finally:
+        consumer.close()
+
+
+def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
+    consumer = Consumer(settings.kafka_config(**{"group.id": "test-watermarks"}))
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in meta.partitions
+        }
+    finally:
+        consumer.close()
+
+
+@contextmanager
+def running(target: Callable[[], Any]) -> Iterator[threading.Thread]:
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    yield thread
