@@ -79,7 +79,8 @@ def test_scenario_2_completion_processed_by_metrics_notification_and_audit(
         what="metrics row",
     )
     _, rows = store.query(
-        "SELECT status, duration_s IS NOT NULL, queue_time_s IS NOT NULL FROM jobs WHERE job_id='j-2'"
+        "SELECT status, duration_s IS NOT NULL, queue_time_s IS NOT NULL "
+        "FROM jobs WHERE job_id = 'j-2'"
     )
     assert rows == [("completed", True, True)]
     _, rows = store.query("SELECT kind, status, recipient FROM notifications WHERE job_id='j-2'")
