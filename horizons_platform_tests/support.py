@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from aiosmtpd.controller import Controller
 from confluent_kafka import Consumer, TopicPartition
 
+from horizons_platform.kafka.admin import watermarks
 from horizons_platform.settings import Settings
 
 T = TypeVar("T")
@@ -103,7 +104,7 @@ def read_topic(settings: Settings, topic: str, timeout: float = 10.0) -> list[An
         ends = {}
         assign = []
         for p in meta.partitions:
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            low, high = watermarks(consumer, TopicPartition(topic, p), time.monotonic() + timeout)
             if high > low:
                 ends[p] = high
                 assign.append(TopicPartition(topic, p, low))
@@ -127,7 +128,7 @@ def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            p: watermarks(consumer, TopicPartition(topic, p), time.monotonic() + 10)[1]
             for p in meta.partitions
         }
     finally:

@@ -39,13 +39,54 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
             except KafkaException as exc:
                 if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                     raise RuntimeError(f"could not create topic {name}: {exc}") from exc
-    # Metadata propagates asynchronously; wait until every topic is visible.
+    # Metadata propagates asynchronously: wait until every partition has a leader, or
+    # the first produce/fetch right after creation fails with NOT_LEADER.
     deadline = time.monotonic() + timeout
     while True:
-        parts = topic_partitions(settings, admin)
-        if all(name in parts for name in wanted) or time.monotonic() > deadline:
-            return {name: parts.get(name, 0) for name in wanted}
+        meta = admin.list_topics(timeout=timeout).topics
+        ready = all(
+            name in meta
+            and meta[name].error is None
+            and all(p.leader >= 0 for p in meta[name].partitions.values())
+            for name in wanted
+        )
+        if ready or time.monotonic() > deadline:
+            break
         time.sleep(0.1)
+    if new:
+        _wait_until_served(settings, {t.topic: t.num_partitions for t in new}, deadline)
+    return {name: len(meta[name].partitions) if name in meta else 0 for name in wanted}
+
+
+_RETRIABLE = (
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError._UNKNOWN_PARTITION,
+)
+
+
+def watermarks(consumer: Consumer, tp: TopicPartition, deadline: float) -> tuple[int, int]:
+    """(low, high) offsets, retrying while a just-created partition is not served yet."""
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=max(1.0, deadline - time.monotonic()))
+        except KafkaException as exc:
+            if exc.args[0].code() not in _RETRIABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def _wait_until_served(settings: Settings, topics: dict[str, int], deadline: float) -> None:
+    # A leader in the metadata is not enough: the broker applies the new partitions
+    # asynchronously and answers NOT_LEADER until it has.
+    probe = Consumer(settings.kafka_config(**{"group.id": "horizons-topic-probe"}))
+    try:
+        for topic, parts in topics.items():
+            for p in range(parts):
+                watermarks(probe, TopicPartition(topic, p), deadline)
+    finally:
+        probe.close()
 
 
 def topic_partitions(settings: Settings, admin: AdminClient | None = None) -> dict[str, int]:
@@ -90,8 +131,8 @@ def group_lag(
             request = [ConsumerGroupTopicPartitions(group, tps)]
             committed = admin.list_consumer_group_offsets(request)[group].result(timeout=timeout)
             for tp in committed.topic_partitions:
-                low, high = probe.get_watermark_offsets(
-                    TopicPartition(tp.topic, tp.partition), timeout=timeout
+                low, high = watermarks(
+                    probe, TopicPartition(tp.topic, tp.partition), time.monotonic() + timeout
                 )
                 start = tp.offset if tp.offset != OFFSET_INVALID and tp.offset >= 0 else low
                 lag = max(0, high - start)

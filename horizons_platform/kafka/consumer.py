@@ -97,6 +97,8 @@ class ConsumerLoop:
                     "fetch.wait.max.ms": 20,
                     "session.timeout.ms": 10_000,
                     "heartbeat.interval.ms": 1_000,
+                    # Bounds how long close() waits on a dead coordinator (default 60 s).
+                    "socket.timeout.ms": 10_000,
                     "error_cb": self._on_error,
                 }
             )
@@ -138,9 +140,22 @@ class ConsumerLoop:
             self._maybe_flush_signals(force=True)
         except Exception:  # the store may be the reason we stop
             log.exception("%s: could not flush health signals", self.group)
-        self.publisher.flush(2.0 if code == EXIT_BROKER_LOST else None)
-        # close() leaves the group; with the broker gone it returns after its own timeouts.
-        self._consumer.close()
+        broker_gone = code == EXIT_BROKER_LOST or self.broker_down
+        self.publisher.flush(2.0 if broker_gone else None)
+        # close() leaves the group; with the broker gone it can only wait for its own
+        # request timeouts (socket.timeout.ms), so it runs on a watchdog thread and
+        # the process may exit past it — the socket dies with the process.
+        closer = threading.Thread(
+            target=self._consumer.close, name=f"close-{self.group}", daemon=True
+        )
+        closer.start()
+        closer.join(self.settings.shutdown_timeout_s)
+        if closer.is_alive():
+            log.warning(
+                "%s: consumer close still waiting on the broker after %.0fs",
+                self.group,
+                self.settings.shutdown_timeout_s,
+            )
         log.info("%s: consumer closed (exit %d)", self.group, code)
 
     # --- rebalance: DuckDB holds the truth about where to resume -------------------------

@@ -15,6 +15,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from horizons_platform import events as ev
+from horizons_platform.kafka.admin import watermarks
 from horizons_platform.kafka.producer import Delivery, DeliveryError, Publisher
 from horizons_platform.settings import Settings
 
@@ -91,16 +92,14 @@ class JobOrchestratorService:
                 return 0
             ends: dict[int, int] = {}
             assign = []
+            deadline = time.monotonic() + timeout
             for p in meta.partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(topic, p), timeout=timeout
-                )
+                low, high = watermarks(consumer, TopicPartition(topic, p), deadline)
                 if high > low:
                     ends[p] = high
                     assign.append(TopicPartition(topic, p, low))
             consumer.assign(assign)
             seen = 0
-            deadline = time.monotonic() + timeout
             while ends and time.monotonic() < deadline:
                 for msg in consumer.consume(1000, timeout=0.5):
                     if msg.error():
