@@ -6,6 +6,7 @@ e.g. ``HORIZONS_BROKER_PORT=19092`` or ``HORIZONS_DUCKDB_PATH=/data/h.duckdb``.
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 from pathlib import Path
 
@@ -136,7 +137,11 @@ class Settings(BaseSettings):
 
     def kafka_config(self, **extra: object) -> dict[str, object]:
         """librdkafka settings shared by every client, plus ``extra``."""
-        conf: dict[str, object] = {"bootstrap.servers": self.bootstrap}
+        # librdkafka's own log lines go through Python logging, not straight to stderr.
+        conf: dict[str, object] = {
+            "bootstrap.servers": self.bootstrap,
+            "logger": logging.getLogger("librdkafka"),
+        }
         optional = {
             "security.protocol": self.kafka_security_protocol,
             "sasl.mechanism": self.kafka_sasl_mechanism,

@@ -64,8 +64,11 @@ class OutboxDispatcher:
                 log.exception("outbox: delivery round failed; will retry")
                 self.stop_event.wait(1.0)
 
-    def deliver_due(self, limit: int = 200) -> int:
-        """One round: claim due notifications, send them, record the outcome."""
+    def deliver_due(self, limit: int = 25) -> int:
+        """One round: claim due notifications, send them, record the outcome.
+
+        Small rounds keep the e-mails at risk of a resend after a crash few.
+        """
         claimed = self._claim(limit)
         if not claimed:
             return 0
