@@ -80,10 +80,17 @@ def cmd_consume(args: argparse.Namespace) -> int:
         f"consuming from {settings.bootstrap} into {settings.database}: {', '.join(groups)}",
         file=sys.stderr,
     )
+    background = []
+    if settings.report_materializations:
+        # Tells Dagster when the consumer-fed tables change (a thread; never blocks ingest).
+        from horizons_platform.defs.ingest import materialization_reporter
+
+        background.append(materialization_reporter(settings))
     code = run_host(
         settings,
         groups,
         on_ready=lambda h: print("consumers ready (Ctrl-C to stop)", file=sys.stderr),
+        background=background,
     )
     print(f"consumers stopped (exit {code})", file=sys.stderr)
     return code

@@ -129,9 +129,10 @@ def run_host(
     settings: Settings,
     groups: Iterable[str] = SERVICE_GROUPS,
     on_ready: Callable[[Host], None] | None = None,
+    background: Iterable[Callable[[threading.Event], None]] = (),
 ) -> int:
     """Run until SIGINT/SIGTERM (exit 0) or a lost broker (non-zero)."""
-    host = Host(settings, tuple(groups))
+    host = Host(settings, tuple(groups), background=list(background))
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("received %s: stopping after the current batches", signal.Signals(signum).name)

@@ -86,7 +86,7 @@ def test_sigkill_during_a_20k_event_stream_loses_and_doubles_nothing(
         while kills < KILLS:
             # Let it get partitions and make some progress, then kill it mid-batch.
             wait_for(
-                lambda: log.read_text().count("assigned") >= len(SERVICE_GROUPS) * (kills + 1),
+                lambda k=kills: log.read_text().count("assigned") >= len(SERVICE_GROUPS) * (k + 1),
                 timeout=60,
                 what="consumers assigned",
             )
