@@ -1,0 +1,120 @@
+"""The DuckDB connector on a real file: migrations, idempotent inserts, lock waiting."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from horizons_platform.settings import Settings
+from horizons_platform.store import tables
+from horizons_platform.store.connection import Store, StoreLockTimeout
+from horizons_platform.store.schema import MIGRATIONS
+
+HOLD = """
+import duckdb, sys, time
+con = duckdb.connect(sys.argv[1])
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+"""
+
+
+def _hold_lock(path: Path, seconds: float) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def _store(tmp_path: Path, **overrides: object) -> Store:
+    store = Store(Settings(var_dir=tmp_path, **overrides))  # type: ignore[arg-type]
+    store.ensure_schema()
+    return store
+
+
+def test_schema_is_migrated_once_and_versioned(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    assert store.scalar("SELECT max(version) FROM schema_migrations") == MIGRATIONS[-1][0]
+    _, rows = store.query("SELECT table_name FROM information_schema.tables")
+    names = {r[0] for r in rows}
+    assert {
+        "job_events",
+        "jobs",
+        "job_metrics",
+        "metrics_hourly",
+        "metrics_daily",
+        "audit_log",
+        "audit_checkpoints",
+        "compliance_reports",
+        "notifications",
+        "health_signals",
+        "health_alerts",
+        "dead_letters",
+        "consumer_offsets",
+    } <= names
+
+
+def test_inserts_are_idempotent_on_the_key(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    now = datetime.now(UTC)
+    row = {
+        "consumer_group": "g",
+        "topic": "t",
+        "partition": 0,
+        "offset": 5,
+        "error_class": "E",
+        "error_message": "m",
+        "raw": b"x",
+        "key": None,
+        "received_at": now,
+    }
+    for _ in range(3):
+        with store.transaction() as con:
+            tables.insert(con, "dead_letters", [row, {**row, "offset": 6}])
+    assert store.scalar("SELECT count(*) FROM dead_letters") == 2
+
+
+def test_offsets_upsert(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    with store.transaction() as con:
+        tables.save_offsets(con, "g", {("t", 0): 10, ("t", 1): 3})
+    with store.transaction() as con:
+        tables.save_offsets(con, "g", {("t", 0): 12})
+        assert tables.stored_offsets(con, "g") == {("t", 0): 12, ("t", 1): 3}
+
+
+def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    with pytest.raises(RuntimeError), store.transaction() as con:
+        tables.save_offsets(con, "g", {("t", 0): 10})
+        raise RuntimeError("boom")
+    assert store.scalar("SELECT count(*) FROM consumer_offsets") == 0
+
+
+def test_writer_waits_for_another_process_holding_the_file(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    holder = _hold_lock(store.path, 1.5)
+    started = time.monotonic()
+    with store.transaction() as con:
+        tables.save_offsets(con, "g", {("t", 0): 1})
+    waited = time.monotonic() - started
+    holder.wait(10)
+    assert waited >= 0.5, "it did not actually wait for the lock"
+    assert store.scalar("SELECT next_offset FROM consumer_offsets") == 1
+
+
+def test_lock_deadline_ends_in_a_clear_error(tmp_path: Path) -> None:
+    store = _store(tmp_path, lock_deadline_s=0.5)
+    holder = _hold_lock(store.path, 5)
+    try:
+        with pytest.raises(StoreLockTimeout, match="stayed locked by process"):
+            store.query("SELECT 1")
+    finally:
+        holder.kill()
+        holder.wait(10)
