@@ -46,7 +46,7 @@ class Host:
         unknown = set(self.groups) - set(HANDLERS)
         if unknown:
             raise ValueError(f"unknown service(s) {sorted(unknown)}; choose from {list(HANDLERS)}")
-        self.store = Store(self.settings)
+        self.store = Store(self.settings, sticky=True)
         self.publisher = Publisher(self.settings)
         self._threads: list[threading.Thread] = []
 
@@ -103,6 +103,7 @@ class Host:
         if not any(self.exit_codes.values()):
             self._announce(ev.ConsumerStopped, "stopped")
         self.publisher.flush(2.0)
+        self.store.release()
         return max(self.exit_codes.values(), default=EXIT_OK)
 
     def _announce(self, cls: type[ev.Envelope], detail: str) -> None:

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     # --- DuckDB connector --------------------------------------------------------------
     lock_deadline_s: float = 60.0
     lock_backoff_initial_s: float = 0.005
-    lock_backoff_max_s: float = 0.25
+    lock_backoff_max_s: float = 0.05
 
     # --- notifications / SMTP ------------------------------------------------------------
     smtp_host: str = "127.0.0.1"

@@ -67,7 +67,7 @@ def make_settings(bootstrap: str, var_dir: Path, smtp_port: int, **overrides: ob
         "kafka_bootstrap": bootstrap,
         "var_dir": var_dir,
         "smtp_port": smtp_port,
-        "health_interval_s": 0.5,
+        "health_interval_s": 1.0,
         "broker_grace_s": 5.0,
         "smtp_backoff_initial_s": 0.2,
         "smtp_backoff_max_s": 1.0,

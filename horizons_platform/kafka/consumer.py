@@ -128,6 +128,7 @@ class ConsumerLoop:
                     code = EXIT_BROKER_LOST
                     break
                 self._maybe_flush_signals()
+                self.store.yield_if_wanted()
         except StoreLockTimeout:
             log.exception("%s: DuckDB stayed locked; stopping without losing anything", self.group)
             code = EXIT_STORE_FAILED
