@@ -115,12 +115,22 @@ def group_lag(
 ) -> list[PartitionLag]:
     """Lag per group and partition, in messages and seconds, from Kafka's committed offsets."""
     admin = admin_client(settings)
+    # A short fetch wait: the age probe's poll would otherwise leave a fetch outstanding
+    # that every later watermark request on this consumer queues behind (~0.5 s each).
     probe = Consumer(
-        settings.kafka_config(**{"group.id": "horizons-lag-probe", "enable.auto.commit": False})
+        settings.kafka_config(
+            **{
+                "group.id": "horizons-lag-probe",
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 10,
+            }
+        )
     )
     try:
         meta = probe.list_topics(timeout=timeout)
-        result: list[PartitionLag] = []
+        deadline = time.monotonic() + timeout
+        marks: dict[tuple[str, int], tuple[int, int]] = {}  # shared by groups on a topic
+        rows: list[tuple[str, str, int, int, int]] = []
         for group, topics in groups.items():
             tps = [
                 TopicPartition(t, p)
@@ -131,26 +141,51 @@ def group_lag(
             request = [ConsumerGroupTopicPartitions(group, tps)]
             committed = admin.list_consumer_group_offsets(request)[group].result(timeout=timeout)
             for tp in committed.topic_partitions:
-                low, high = watermarks(
-                    probe, TopicPartition(tp.topic, tp.partition), time.monotonic() + timeout
-                )
+                key = (tp.topic, tp.partition)
+                if key not in marks:
+                    marks[key] = watermarks(probe, TopicPartition(*key), deadline)
+                low, high = marks[key]
                 start = tp.offset if tp.offset != OFFSET_INVALID and tp.offset >= 0 else low
-                lag = max(0, high - start)
-                age = _age_of(probe, tp.topic, tp.partition, start, timeout) if lag else 0.0
-                result.append(PartitionLag(group, tp.topic, tp.partition, start, high, lag, age))
-        return result
+                rows.append((group, tp.topic, tp.partition, start, high))
+        # Ages last, all lagging partitions in one fetch round.
+        ages = _ages(probe, {(t, p, s) for _, t, p, s, h in rows if h > s}, timeout)
+        return [
+            PartitionLag(g, t, p, s, h, max(0, h - s), ages.get((t, p, s), 0.0))
+            for g, t, p, s, h in rows
+        ]
     finally:
         probe.close()
 
 
-def _age_of(probe: Consumer, topic: str, partition: int, offset: int, timeout: float) -> float:
-    """Seconds since the message at ``offset`` was produced (its Kafka timestamp)."""
-    probe.assign([TopicPartition(topic, partition, offset)])
-    try:
-        msg = probe.poll(timeout=min(timeout, 2.0))
-        if msg is None or msg.error():
-            return 0.0
-        _, ts_ms = msg.timestamp()
-        return max(0.0, time.time() - ts_ms / 1000.0) if ts_ms > 0 else 0.0
-    finally:
-        probe.unassign()
+def _ages(
+    probe: Consumer, wanted: set[tuple[str, int, int]], timeout: float
+) -> dict[tuple[str, int, int], float]:
+    """Seconds since the record at each (topic, partition, offset) was produced.
+
+    One fetch round per distinct offset of a partition (groups sharing a topic usually
+    wait at one or two offsets), each round covering every lagging partition at once.
+    """
+    by_tp: dict[tuple[str, int], list[int]] = {}
+    for t, p, o in sorted(wanted):
+        by_tp.setdefault((t, p), []).append(o)
+    ages: dict[tuple[str, int, int], float] = {}
+    deadline = time.monotonic() + min(timeout, 3.0)
+    depth = 0
+    while time.monotonic() < deadline:
+        pending = {tp: offs[depth] for tp, offs in by_tp.items() if len(offs) > depth}
+        if not pending:
+            break
+        probe.assign([TopicPartition(t, p, o) for (t, p), o in pending.items()])
+        try:
+            while pending and time.monotonic() < deadline:
+                for msg in probe.consume(len(pending) * 10, timeout=0.2):
+                    key = (msg.topic(), msg.partition())
+                    if msg.error() or key not in pending:
+                        continue
+                    _, ts_ms = msg.timestamp()
+                    age = time.time() - ts_ms / 1000.0 if ts_ms > 0 else 0.0
+                    ages[(*key, pending.pop(key))] = max(0.0, age)
+        finally:
+            probe.unassign()
+        depth += 1
+    return ages

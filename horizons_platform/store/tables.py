@@ -164,12 +164,14 @@ def stored_offsets(con: duckdb.DuckDBPyConnection, group: str) -> dict[tuple[str
 
 def audit_tail(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
     """The last (seq, hash) of the chain, including records removed by retention."""
-    row = con.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchone()
-    checkpoint = con.execute(
+    # fetchall, not fetchone: duckdb 2.0 keeps a half-read result open, and the next
+    # register() on this connection then fails with ResourceInUseException.
+    rows = con.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchall()
+    checkpoints = con.execute(
         "SELECT last_removed_seq, last_removed_hash FROM audit_checkpoints "
         "WHERE last_removed_seq IS NOT NULL ORDER BY last_removed_seq DESC LIMIT 1"
-    ).fetchone()
-    candidates = [r for r in (row, checkpoint) if r is not None]
+    ).fetchall()
+    candidates = rows + checkpoints
     if not candidates:
         return 0, None
     seq, digest = max(candidates, key=lambda r: r[0])
