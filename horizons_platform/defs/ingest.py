@@ -1,0 +1,376 @@
+"""The consumer-fed tables as Dagster assets, and the checks on what the consumers wrote.
+
+The four consumer services, not Dagster, write these tables, so they are external assets
+(:class:`dagster.AssetSpec`). The consumer host reports their materializations (row
+count, offsets, last write) to the Dagster instance from a background thread, so the UI
+shows their freshness; see :func:`materialization_reporter`.
+"""
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from duckdb import DuckDBPyConnection
+
+from horizons_platform import events as ev
+from horizons_platform.defs.resources import DuckDBStore, HorizonsSettings
+from horizons_platform.settings import Settings
+from horizons_platform.store.connection import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FedTable:
+    """A table one consumer group writes, and how to measure it cheaply."""
+
+    name: str
+    group: str  # the consumer group that writes it ("" = every group)
+    written_at: str  # the column holding when a row was written
+    has_offset: bool  # rows carry their Kafka ("partition", "offset")
+    description: str
+
+
+FED_TABLES: tuple[FedTable, ...] = (
+    FedTable(
+        "audit_log",
+        "compliance-auditor",
+        "recorded_at",
+        True,
+        "Every event the ComplianceAuditor saw, valid or not, hash-chained (seq, prev_hash, "
+        "hash). Immutable; only the retention job removes expired records.",
+    ),
+    FedTable(
+        "job_events",
+        "metrics",
+        "ingested_at",
+        True,
+        "One row per valid job lifecycle or metrics event, keyed by event_id.",
+    ),
+    FedTable("jobs", "metrics", "updated_at", False, "One row per job: its current state."),
+    FedTable("job_metrics", "metrics", "ingested_at", False, "One row per job.metrics event."),
+    FedTable(
+        "notifications",
+        "notifications",
+        "created_at",
+        False,
+        "The notification outbox: one row per e-mail to a job owner, with delivery status.",
+    ),
+    FedTable(
+        "health_signals",
+        "system-health",
+        "observed_at",
+        False,
+        "Lag, rate and heartbeat samples from the consumers and the health monitor.",
+    ),
+    FedTable(
+        "dead_letters",
+        "",
+        "received_at",
+        True,
+        "Messages a consumer rejected (bad JSON, invalid schema, handler error), per group.",
+    ),
+)
+
+INGEST_GROUP = "ingest"
+
+
+def _spec(table: FedTable) -> dg.AssetSpec:
+    return dg.AssetSpec(
+        table.name,
+        description=table.description,
+        group_name=INGEST_GROUP,
+        kinds={"duckdb", "kafka"},
+        owners=["team:horizons-platform"],
+        tags={"horizons/consumer_group": table.group or "all"},
+        metadata={"horizons/written_by": f"consumer group {table.group or 'every group'}"},
+    )
+
+
+SPECS: dict[str, dg.AssetSpec] = {t.name: _spec(t) for t in FED_TABLES}
+audit_log = SPECS["audit_log"]
+job_events = SPECS["job_events"]
+jobs = SPECS["jobs"]
+job_metrics = SPECS["job_metrics"]
+notifications = SPECS["notifications"]
+health_signals = SPECS["health_signals"]
+dead_letters = SPECS["dead_letters"]
+
+
+# --- materialization reporting (runs inside the consumer host) ------------------------
+
+
+def table_stats(con: DuckDBPyConnection) -> dict[str, dict[str, Any]]:
+    """Row count, last write and Kafka position of every consumer-fed table (a few ms)."""
+    positions = dict(
+        con.execute(
+            "SELECT consumer_group, sum(next_offset) FROM consumer_offsets GROUP BY ALL"
+        ).fetchall()
+    )
+    out: dict[str, dict[str, Any]] = {}
+    for t in FED_TABLES:
+        offset = 'max("offset")' if t.has_offset else "NULL"
+        rows, last, max_offset = con.execute(
+            f"SELECT count(*), max({t.written_at}), {offset} FROM {t.name}"
+        ).fetchone()  # type: ignore[misc]
+        out[t.name] = {
+            "rows": int(rows),
+            "last_written_at": last,
+            "max_offset": max_offset,
+            "group_position": int(positions.get(t.group) or 0),
+        }
+    return out
+
+
+def materialization_event(table: str, stats: dict[str, Any]) -> dg.AssetMaterialization:
+    fed = next(t for t in FED_TABLES if t.name == table)
+    metadata: dict[str, Any] = {"dagster/row_count": dg.MetadataValue.int(stats["rows"])}
+    if fed.group:
+        metadata["consumer_group"] = fed.group
+        # Messages the writing group has consumed, summed over its partitions.
+        metadata["group_position"] = dg.MetadataValue.int(stats["group_position"])
+    if stats["max_offset"] is not None:
+        metadata["max_offset"] = dg.MetadataValue.int(int(stats["max_offset"]))
+    if stats["last_written_at"] is not None:
+        metadata["last_written_at"] = dg.MetadataValue.timestamp(stats["last_written_at"])
+    return dg.AssetMaterialization(
+        asset_key=table,
+        description=f"reported by the consumer host (pid {os.getpid()})",
+        metadata=metadata,
+    )
+
+
+def _default_instance(settings: Settings) -> dg.DagsterInstance | None:
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_dir).resolve()
+    if not (home / "dagster.yaml").exists():
+        return None
+    # dagster.yaml reads DAGSTER_HOME for its storage paths.
+    os.environ.setdefault("DAGSTER_HOME", str(home))
+    return dg.DagsterInstance.from_config(str(home))
+
+
+def materialization_reporter(
+    settings: Settings,
+    instance_factory: Callable[[], dg.DagsterInstance | None] | None = None,
+) -> Callable[[threading.Event], None]:
+    """A consumer-host background hook: report fed-table materializations to Dagster.
+
+    Every ``materialization_interval_s`` it reads the tables' stats in one short read
+    and reports the tables that changed. It runs on its own thread and swallows every
+    error, so ingestion never waits on Dagster (or on a missing Dagster instance).
+    """
+    factory = instance_factory or (lambda: _default_instance(settings))
+
+    def report_materializations(stop: threading.Event) -> None:
+        store = Store(settings)
+        instance: dg.DagsterInstance | None = None
+        last: dict[str, tuple[Any, ...]] = {}
+        warned = False
+        while not stop.wait(settings.materialization_interval_s):
+            try:
+                instance = instance or factory()
+                if instance is None:
+                    if not warned:
+                        log.info("no Dagster instance found: not reporting materializations")
+                        warned = True
+                    continue
+                with store.reader() as con:
+                    stats = table_stats(con)
+                for table, s in stats.items():
+                    # The table's own content, not the group's position: a consumer that
+                    # read messages without writing rows did not materialize anything.
+                    signature = (s["rows"], s["max_offset"], s["last_written_at"])
+                    if last.get(table) == signature:
+                        continue  # unchanged: no new event, keeps the instance's log small
+                    instance.report_runless_asset_event(materialization_event(table, s))
+                    last[table] = signature
+            except Exception as exc:
+                log.warning("could not report materializations to Dagster: %s", exc)
+
+    return report_materializations
+
+
+# --- checks on what the consumers wrote ------------------------------------------------
+
+_LIFECYCLE = ", ".join(f"'{t}'" for t in ev.LIFECYCLE_TYPES)
+_TERMINAL = ", ".join(f"'{t}'" for t in ev.TERMINAL_TYPES)
+_JOB_EVENT_TYPES = ", ".join(f"'{t}'" for t in (*ev.LIFECYCLE_TYPES, ev.JOB_METRICS))
+JOB_STATUSES = ("submitted", "running", "completed", "failed", "cancelled")
+
+
+def _sample(con: DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> str:
+    rows = con.execute(sql, params or []).fetchmany(5)
+    return "; ".join(", ".join(str(v) for v in r) for r in rows)
+
+
+@dg.asset_check(
+    asset=job_events.key,
+    blocking=True,
+    description="No job_events row lacks a required column, every event type is a job "
+    "event, and every jobs row has a known status.",
+)
+def job_events_required_fields(duckdb: DuckDBStore) -> dg.AssetCheckResult:
+    missing = f"""
+        SELECT event_id, event_type, job_id FROM job_events
+        WHERE event_id IS NULL OR event_type IS NULL OR job_id IS NULL OR job_id = ''
+           OR occurred_at IS NULL OR payload IS NULL OR topic IS NULL
+           OR "partition" IS NULL OR "offset" IS NULL OR event_type NOT IN ({_JOB_EVENT_TYPES})
+    """
+    statuses = ", ".join(f"'{s}'" for s in JOB_STATUSES)
+    bad_jobs = f"SELECT job_id, status FROM jobs WHERE status NOT IN ({statuses}) OR owner IS NULL"
+    with duckdb.get().reader() as con:
+        n_bad = con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]  # type: ignore[index]
+        n_jobs = con.execute(f"SELECT count(*) FROM ({bad_jobs})").fetchone()[0]  # type: ignore[index]
+        total = con.execute("SELECT count(*) FROM job_events").fetchone()[0]  # type: ignore[index]
+        sample = _sample(con, missing) + _sample(con, bad_jobs)
+    return dg.AssetCheckResult(
+        passed=n_bad == 0 and n_jobs == 0,
+        description=None if n_bad == n_jobs == 0 else f"first offenders: {sample}",
+        metadata={"rows_checked": total, "bad_job_events": n_bad, "bad_jobs": n_jobs},
+    )
+
+
+@dg.asset_check(
+    asset=job_events.key,
+    blocking=True,
+    description="Per job, every lifecycle event sits in one partition and their offsets "
+    "follow the lifecycle (submitted → started → terminal).",
+)
+def job_events_per_job_ordering(duckdb: DuckDBStore) -> dg.AssetCheckResult:
+    events = f"""
+        SELECT job_id, topic, "partition", "offset",
+               CASE event_type WHEN 'job.submitted' THEN 0 WHEN 'job.started' THEN 1
+                    ELSE 2 END AS step
+        FROM job_events WHERE event_type IN ({_LIFECYCLE})
+    """
+    spread = f"""
+        SELECT job_id, count(DISTINCT (topic, "partition")) AS partitions FROM ({events})
+        GROUP BY job_id HAVING count(DISTINCT (topic, "partition")) > 1
+    """
+    disorder = f"""
+        SELECT job_id, "offset", step, prev_step FROM (
+            SELECT *, lag(step) OVER (PARTITION BY job_id ORDER BY "offset") AS prev_step
+            FROM ({events}))
+        WHERE prev_step > step
+    """
+    with duckdb.get().reader() as con:
+        n_spread = con.execute(f"SELECT count(*) FROM ({spread})").fetchone()[0]  # type: ignore[index]
+        n_disorder = con.execute(f"SELECT count(*) FROM ({disorder})").fetchone()[0]  # type: ignore[index]
+        n_jobs = con.execute(f"SELECT count(DISTINCT job_id) FROM ({events})").fetchone()[0]  # type: ignore[index]
+        sample = _sample(con, spread) + _sample(con, disorder)
+    ok = n_spread == 0 and n_disorder == 0
+    return dg.AssetCheckResult(
+        passed=ok,
+        description=None if ok else f"jobs out of order or spread over partitions: {sample}",
+        metadata={
+            "jobs_checked": n_jobs,
+            "jobs_spread_over_partitions": n_spread,
+            "out_of_order_events": n_disorder,
+        },
+    )
+
+
+@dg.asset_check(
+    asset=notifications.key,
+    blocking=True,
+    description="Every terminal job event the notification service has consumed has its "
+    "notification in the outbox (and none is stuck as failed).",
+)
+def terminal_jobs_notified(duckdb: DuckDBStore) -> dg.AssetCheckResult:
+    # Judged against the notification group's own stored offsets rather than a grace
+    # period: its rows and offsets are written in one transaction, so an event below
+    # its offset without a notification was really lost, however recent.
+    missing = f"""
+        SELECT e.job_id, e.event_type, e.event_id FROM job_events e
+        JOIN consumer_offsets o ON o.consumer_group = 'notifications'
+             AND o.topic = e.topic AND o."partition" = e."partition"
+        WHERE e.event_type IN ({_TERMINAL}) AND e."offset" < o.next_offset
+          AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.event_id = e.event_id)
+    """
+    with duckdb.get().reader() as con:
+        n_missing = con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]  # type: ignore[index]
+        by_status = dict(
+            con.execute("SELECT status, count(*) FROM notifications GROUP BY ALL").fetchall()
+        )
+        terminal = con.execute(
+            f"SELECT count(*) FROM job_events WHERE event_type IN ({_TERMINAL})"
+        ).fetchone()[0]  # type: ignore[index]
+        sample = _sample(con, missing)
+    failed = int(by_status.get("failed", 0))
+    ok = n_missing == 0 and failed == 0
+    problems = []
+    if n_missing:
+        problems.append(f"{n_missing} terminal events without a notification: {sample}")
+    if failed:
+        problems.append(f"{failed} notifications failed permanently (see notifications.error)")
+    return dg.AssetCheckResult(
+        passed=ok,
+        description="; ".join(problems) or None,
+        metadata={
+            "terminal_events": terminal,
+            "missing_notifications": n_missing,
+            **{f"status_{k}": int(v) for k, v in by_status.items()},
+        },
+    )
+
+
+@dg.asset_check(
+    asset=dead_letters.key,
+    blocking=True,
+    description="Invalid events are rejected consistently: no consumer stored as valid "
+    "what the auditor flagged invalid, and every event dead-lettered for its content "
+    "is in the audit trail, flagged invalid, with its raw bytes.",
+)
+def invalid_events_rejected_consistently(
+    duckdb: DuckDBStore, settings: HorizonsSettings
+) -> dg.AssetCheckResult:
+    cutoff = datetime.now(UTC) - timedelta(days=settings.get().retention_days)
+    accepted_invalid = """
+        SELECT a.seq, a.topic, a."partition", a."offset" FROM audit_log a
+        JOIN job_events e ON a.topic = e.topic AND a."partition" = e."partition"
+             AND a."offset" = e."offset"
+        WHERE NOT a.valid
+    """
+    # Only where the auditor has already consumed past the dead letter, and only for
+    # records retention cannot have removed yet.
+    unaudited = """
+        SELECT d.consumer_group, d.topic, d."partition", d."offset" FROM dead_letters d
+        JOIN consumer_offsets o ON o.consumer_group = 'compliance-auditor'
+             AND o.topic = d.topic AND o."partition" = d."partition"
+        WHERE d.error_class LIKE 'EventDecodeError%' AND d."offset" < o.next_offset
+          AND d.received_at >= ?
+          AND NOT EXISTS (
+              SELECT 1 FROM audit_log a WHERE a.topic = d.topic
+                 AND a."partition" = d."partition" AND a."offset" = d."offset"
+                 AND NOT a.valid AND a.raw IS NOT NULL)
+    """
+    with duckdb.get().reader() as con:
+        n_accepted = con.execute(f"SELECT count(*) FROM ({accepted_invalid})").fetchone()[0]  # type: ignore[index]
+        n_unaudited = con.execute(f"SELECT count(*) FROM ({unaudited})", [cutoff]).fetchone()[0]  # type: ignore[index]
+        letters = con.execute("SELECT count(*) FROM dead_letters").fetchone()[0]  # type: ignore[index]
+        sample = _sample(con, accepted_invalid) + _sample(con, unaudited, [cutoff])
+    ok = n_accepted == 0 and n_unaudited == 0
+    return dg.AssetCheckResult(
+        passed=ok,
+        description=None if ok else f"inconsistent rejections: {sample}",
+        metadata={
+            "dead_letters": letters,
+            "invalid_but_stored_as_job_event": n_accepted,
+            "dead_lettered_but_not_audited": n_unaudited,
+        },
+    )
+
+
+CHECKS = [
+    job_events_required_fields,
+    job_events_per_job_ordering,
+    terminal_jobs_notified,
+    invalid_events_rejected_consistently,
+]
+ASSETS = list(SPECS.values())

@@ -1,0 +1,90 @@
+"""Resources every Horizons asset, check, job and sensor gets injected.
+
+Three of them, so a run's config page shows what it talks to:
+
+* ``settings`` — the platform :class:`~horizons_platform.settings.Settings` (``HORIZONS_*``
+  variables, optionally overridden per deployment or per test);
+* ``duckdb`` — the platform's one DuckDB connector (:class:`Store`): open, short
+  transaction, close, retrying on the file lock. Nothing here keeps a connection open,
+  because the consumer host, the daemon's sensors and runs all share the one file;
+* ``kafka`` — the idempotent publisher (alerts, audit records, validation traffic).
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from horizons_platform.kafka.producer import Publisher
+from horizons_platform.settings import Settings
+from horizons_platform.store.connection import Store
+
+# Runs that write the DuckDB file take a slot of this pool; dagster.yaml limits it to one
+# (run granularity), so such runs never queue behind each other on the file lock.
+DUCKDB_POOL = "duckdb"
+
+
+class HorizonsSettings(dg.ConfigurableResource):
+    """``HORIZONS_*`` settings; ``overrides`` (field → value as text) win over the environment."""
+
+    overrides: dict[str, str] = Field(
+        default_factory=dict,
+        description="Settings fields to override, e.g. {'retention_days': '30'}.",
+    )
+
+    def get(self) -> Settings:
+        return Settings(**self.overrides)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "HorizonsSettings":
+        """Pin every field of ``settings`` (tests, one-off runs against another store)."""
+        fields = settings.model_dump(exclude_none=True)
+        return cls(overrides={k: str(v) for k, v in fields.items()})
+
+
+class DuckDBStore(dg.ConfigurableResource):
+    """The platform's DuckDB connector, built from the settings."""
+
+    settings: HorizonsSettings
+
+    def get(self) -> Store:
+        store = Store(self.settings.get())
+        store.ensure_schema()
+        return store
+
+
+class KafkaPublisher(dg.ConfigurableResource):
+    """One idempotent producer per run process, flushed when the step ends."""
+
+    settings: HorizonsSettings
+    _publisher: Publisher | None = PrivateAttr(default=None)
+
+    def get(self) -> Publisher:
+        if self._publisher is None:
+            self._publisher = Publisher(self.settings.get())
+        return self._publisher
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._publisher is not None:
+            self._publisher.flush(10.0)
+
+    @contextmanager
+    def session(self) -> Iterator[Publisher]:
+        """A publisher for code outside a run (sensors), flushed on exit."""
+        publisher = Publisher(self.settings.get())
+        try:
+            yield publisher
+        finally:
+            publisher.flush(10.0)
+
+
+def build_resources(settings: Settings | None = None) -> dict[str, Any]:
+    """The resource dict of the code location; ``settings`` pins them (tests)."""
+    base = HorizonsSettings.from_settings(settings) if settings else HorizonsSettings()
+    return {
+        "settings": base,
+        "duckdb": DuckDBStore(settings=base),
+        "kafka": KafkaPublisher(settings=base),
+    }
