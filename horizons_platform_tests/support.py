@@ -3,7 +3,10 @@ topics. No mocks here — everything talks to real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -12,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
+from pathlib import Path
 from typing import Any, TypeVar
 
 from aiosmtpd.controller import Controller
@@ -140,3 +144,37 @@ def running(target: Callable[[], Any]) -> Iterator[threading.Thread]:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     yield thread
+
+
+_ENV_FIELDS = (
+    "kafka_bootstrap",
+    "smtp_port",
+    "var_dir",
+    "topic_job_lifecycle",
+    "topic_job_metrics",
+    "topic_audit_trail",
+    "topic_system_health",
+    "topic_dlq",
+)
+
+
+def consumer_env(settings: Settings, **extra: object) -> dict[str, str]:
+    """The environment of a `horizons consume` process using ``settings`` (plus ``extra``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HORIZONS_")}
+    for name in _ENV_FIELDS:
+        value = getattr(settings, name)
+        if value is not None:
+            env[f"HORIZONS_{name.upper()}"] = str(value)
+    env.update({f"HORIZONS_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+def start_consumer(settings: Settings, log: Path, **extra: object) -> subprocess.Popen[bytes]:
+    """`horizons consume` (all four services) as a real process, output appended to ``log``."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "horizons_platform.cli", "consume"],
+            env=consumer_env(settings, **extra),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )

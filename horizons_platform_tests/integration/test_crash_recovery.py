@@ -4,11 +4,8 @@ same Message-ID) and the audit chain verifies."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -19,36 +16,9 @@ from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.simulate import plan, run_simulation
 from horizons_platform.store.connection import Store
-from horizons_platform_tests.support import SmtpSink, end_offsets, wait_for
+from horizons_platform_tests.support import SmtpSink, end_offsets, start_consumer, wait_for
 
 KILLS = 6
-
-
-def _env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HORIZONS_")}
-    for field in (
-        "kafka_bootstrap",
-        "smtp_port",
-        "var_dir",
-        "topic_job_lifecycle",
-        "topic_job_metrics",
-        "topic_audit_trail",
-        "topic_system_health",
-        "topic_dlq",
-    ):
-        env[f"HORIZONS_{field.upper()}"] = str(getattr(settings, field))
-    env["HORIZONS_HEALTH_INTERVAL_S"] = "1"
-    return env
-
-
-def _start(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "horizons_platform.cli", "consume"],
-            env=_env(settings),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
 
 
 def _caught_up(store: Store, settings: Settings, ends: dict[str, int]) -> bool:
@@ -74,7 +44,7 @@ def test_sigkill_during_a_20k_event_stream_loses_and_doubles_nothing(
     terminal = len(jobs)  # every job ends completed, failed or cancelled: one e-mail each
 
     log = tmp_path / "consume.log"
-    proc = _start(settings, log)
+    proc = start_consumer(settings, log, health_interval_s=1)
     orch = JobOrchestratorService(settings, recover=False, wait=False)
     producer = threading.Thread(
         target=run_simulation, args=(orch, jobs), kwargs={"rate": 1500.0, "seed": 11}, daemon=True
@@ -94,7 +64,7 @@ def test_sigkill_during_a_20k_event_stream_loses_and_doubles_nothing(
             proc.send_signal(signal.SIGKILL)
             proc.wait(10)
             kills += 1
-            proc = _start(settings, log)
+            proc = start_consumer(settings, log, health_interval_s=1)
         producer.join(60)
         assert not producer.is_alive()
         ends = {

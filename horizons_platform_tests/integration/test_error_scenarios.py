@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,7 +20,14 @@ from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.connection import Store
-from horizons_platform_tests.support import SmtpSink, free_port, read_topic, unique_topics, wait_for
+from horizons_platform_tests.support import (
+    SmtpSink,
+    free_port,
+    read_topic,
+    start_consumer,
+    unique_topics,
+    wait_for,
+)
 
 OWNER = "jocelyn@observatory.example"
 
@@ -98,23 +102,11 @@ def test_scenario_7_broker_loss_detected_consumers_shut_down_cleanly(
     )  # type: ignore[arg-type]
     broker = EmbeddedBroker(s)
     broker.start(progress=lambda _: None)
-    env = {
-        **os.environ,
-        "HORIZONS_VAR_DIR": str(tmp_path),
-        "HORIZONS_BROKER_PORT": str(s.broker_port),
-        "HORIZONS_BROKER_GRACE_S": "4",
-        "HORIZONS_SMTP_PORT": str(smtp.port),
-        **{f"HORIZONS_{k.upper()}": v for k, v in unique_topics().items()},
-    }
-    env.pop("HORIZONS_KAFKA_BOOTSTRAP", None)
     log_path = tmp_path / "consume.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "horizons_platform.cli", "consume"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    # The embedded broker's port, not a bootstrap: s.kafka_bootstrap is unset.
+    proc = start_consumer(
+        s, log_path, broker_port=s.broker_port, broker_grace_s=4, smtp_port=smtp.port
+    )
     try:
         wait_for(
             lambda: log_path.read_text().count("assigned") >= len(SERVICE_GROUPS),

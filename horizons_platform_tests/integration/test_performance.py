@@ -3,10 +3,7 @@ are measured by `horizons bench`, not asserted here)."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.simulate import plan, run_simulation
 from horizons_platform.store.connection import Store
-from horizons_platform_tests.support import SmtpSink, end_offsets, wait_for
+from horizons_platform_tests.support import SmtpSink, end_offsets, start_consumer, wait_for
 
 
 def _stored(store: Store, group: str, topics: list[str]) -> int:
@@ -94,27 +91,9 @@ def test_scenario_12_latency_p99_under_1s_and_notifications_under_2s(
 def test_scenario_13_ten_thousand_events_with_bounded_memory(
     settings: Settings, smtp: SmtpSink, tmp_path: Path
 ) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HORIZONS_")}
-    for field in (
-        "kafka_bootstrap",
-        "smtp_port",
-        "var_dir",
-        "topic_job_lifecycle",
-        "topic_job_metrics",
-        "topic_audit_trail",
-        "topic_system_health",
-        "topic_dlq",
-    ):
-        env[f"HORIZONS_{field.upper()}"] = str(getattr(settings, field))
-    env["HORIZONS_REPORT_MATERIALIZATIONS"] = "false"
     # Small batches, so memory is sampled over many batches rather than a handful.
-    env["HORIZONS_BATCH_MAX_MESSAGES"] = "250"
-    log = open(tmp_path / "consume.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "horizons_platform.cli", "consume"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+    proc = start_consumer(
+        settings, tmp_path / "consume.log", report_materializations="false", batch_max_messages=250
     )
     store = Store(settings)
     try:
@@ -139,7 +118,6 @@ def test_scenario_13_ten_thousand_events_with_bounded_memory(
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-        log.close()
     early = [r for n, r in rss if n >= total * 0.2]
     first, peak = early[0], max(early)
     print(f"\nRSS at 20%: {first / 2**20:.0f} MiB, peak after: {peak / 2**20:.0f} MiB")
