@@ -86,6 +86,7 @@ def test_scenario_17_high_error_rate_raises_an_alert_logged_to_the_audit_trail(
 ) -> None:
     settings: Settings = settings_factory(health_min_events_for_rate=5)  # type: ignore[operator]
     store = Store(settings)
+    store.ensure_schema()  # the file exists before anyone polls it
     loop = ConsumerLoop(ExplodingMetrics(settings), settings, store)
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()

@@ -38,6 +38,7 @@ def test_sigkill_during_a_20k_event_stream_loses_and_doubles_nothing(
     settings: Settings, smtp: SmtpSink, tmp_path: Path
 ) -> None:
     store = Store(settings)
+    store.ensure_schema()  # the file exists before anyone polls it
     jobs = plan(5100, seed=11, prefix="crash")
     expected_events = sum(len(j.steps()) for j in jobs)
     assert expected_events >= 20_000

@@ -91,11 +91,12 @@ def test_scenario_12_latency_p99_under_1s_and_notifications_under_2s(
 def test_scenario_13_ten_thousand_events_with_bounded_memory(
     settings: Settings, smtp: SmtpSink, tmp_path: Path
 ) -> None:
+    store = Store(settings)
+    store.ensure_schema()  # the file exists before anyone polls it
     # Small batches, so memory is sampled over many batches rather than a handful.
     proc = start_consumer(
         settings, tmp_path / "consume.log", report_materializations="false", batch_max_messages=250
     )
-    store = Store(settings)
     try:
         jobs = plan(2520, seed=3, prefix="s13")
         total = run_simulation(JobOrchestratorService(settings, recover=False, wait=False), jobs)
