@@ -72,9 +72,10 @@ class Settings(BaseSettings):
     smtp_password: str | None = None
     smtp_from: str = "horizons@localhost"
     smtp_timeout_s: float = 5.0
-    smtp_max_attempts: int = 5
-    smtp_backoff_initial_s: float = 0.5
-    smtp_backoff_max_s: float = 30.0
+    # 10 attempts, 1 s doubling to 60 s: rides out ~4 minutes of SMTP outage.
+    smtp_max_attempts: int = 10
+    smtp_backoff_initial_s: float = 1.0
+    smtp_backoff_max_s: float = 60.0
     notify_on_submit: bool = False
 
     # --- metrics service --------------------------------------------------------------

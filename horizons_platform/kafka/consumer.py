@@ -21,6 +21,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from horizons_platform.events import EventDecodeError, decode
 from horizons_platform.kafka.producer import Publisher
+from horizons_platform.services.audit import safe_text
 from horizons_platform.services.base import Handler, Output, Record, Rows, now
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
@@ -33,6 +34,7 @@ EXIT_BROKER_LOST = 3
 EXIT_STORE_FAILED = 4
 
 SIGNAL_INTERVAL_S = 1.0
+DLQ_MAX_VALUE_BYTES = 512 * 1024
 
 
 @dataclass
@@ -260,7 +262,7 @@ class ConsumerLoop:
                 if record.error is not None:
                     dead.append(
                         DeadLetter(
-                            record, f"EventDecodeError.{record.error.kind}", str(record.error)
+                            record, f"EventDecodeError.{record.error.kind}", safe_text(record.error)
                         )
                     )
                     outputs[i] = self.handler.handle_invalid(record)
@@ -276,7 +278,9 @@ class ConsumerLoop:
                     record.offset,
                     exc,
                 )
-                dead.append(DeadLetter(record, type(exc).__name__, str(exc) or repr(exc)))
+                dead.append(
+                    DeadLetter(record, type(exc).__name__, safe_text(str(exc) or repr(exc)))
+                )
         self.stats.dead_letters += len(dead)
         return outputs, dead
 
@@ -331,9 +335,26 @@ class ConsumerLoop:
                 ("original_offset", str(r.offset).encode()),
                 ("consumer_group", self.group.encode()),
             ]
-            self.publisher.send_async(
-                self.settings.topic_dlq, r.value or b"", key=r.key, headers=headers
-            )
+            value = r.value or b""
+            if len(value) > DLQ_MAX_VALUE_BYTES:
+                # Kafka accepted it once, but our producer's limit may be lower: keep the
+                # head here (dead_letters keeps every byte) rather than fail the batch.
+                headers += [("truncated_from", str(len(value)).encode())]
+                value = value[:DLQ_MAX_VALUE_BYTES]
+            try:
+                self.publisher.send_async(
+                    self.settings.topic_dlq, value, key=r.key, headers=headers
+                )
+            except KafkaException as exc:
+                log.error(
+                    "%s: dead letter %s[%d]@%d not sent to the DLQ topic (%s); it is "
+                    "still stored in dead_letters",
+                    self.group,
+                    r.topic,
+                    r.partition,
+                    r.offset,
+                    exc,
+                )
         # At-least-once into the DLQ topic (its headers identify duplicates); the
         # dead_letters table is exactly-once with the batch.
         remaining = self.publisher.flush(5.0)

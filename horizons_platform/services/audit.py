@@ -161,22 +161,28 @@ def audit_row(record: Record) -> dict[str, Any]:
             event_type=hint.get("event_type"),
             occurred_at=None,
             valid=False,
-            validation_error=str(record.error),
+            validation_error=safe_text(record.error),
             payload=None,
             raw=record.value or b"",
         )
     return base
 
 
+def safe_text(value: object, limit: int = 1000) -> str:
+    """Text that any UTF-8 store accepts: JSON may carry lone surrogates (\\ud800)."""
+    return str(value)[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _best_effort_fields(raw: bytes | None) -> dict[str, str]:
     """Identifying fields of an invalid event, when its JSON is readable at all."""
     try:
         data = json.loads(raw or b"")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # hostile input: deep nesting
         return {}
     if not isinstance(data, dict):
         return {}
-    return {k: str(data[k])[:200] for k in ("event_id", "job_id", "event_type") if data.get(k)}
+    fields = ("event_id", "job_id", "event_type")
+    return {k: safe_text(data[k], 200) for k in fields if data.get(k)}
 
 
 class AuditHandler(Handler):
