@@ -287,19 +287,35 @@ class ConsumerLoop:
     def _write(
         self, records: list[Record], outputs: dict[int, Output], dead: list[DeadLetter]
     ) -> None:
-        rows = Rows()
-        for out in outputs.values():
-            rows.extend(out)
         next_offsets: dict[tuple[str, int], int] = {}
         for r in records:
             next_offsets[(r.topic, r.partition)] = r.offset + 1
         self._send_dead_letters(dead)
         signals = self._take_signals()
         with self.store.transaction() as con:
+            # Fencing: a member that lost its partitions without noticing (a zombie after
+            # a session timeout) may hold a batch another member already stored. Anything
+            # below the stored offsets is dropped here, for every table at once.
+            stored = tables.stored_offsets(con, self.group)
+            fresh = [
+                i
+                for i, r in enumerate(records)
+                if r.offset >= stored.get((r.topic, r.partition), -1)
+            ]
+            rows = Rows()
+            for i in fresh:
+                rows.extend(outputs.get(i, []))
+            kept = {id(records[i]) for i in fresh}
             self.handler.persist(con, rows)
-            tables.insert(con, "dead_letters", [self._dead_row(d) for d in dead])
+            tables.insert(
+                con, "dead_letters", [self._dead_row(d) for d in dead if id(d.record) in kept]
+            )
             tables.insert(con, "health_signals", signals)
-            tables.save_offsets(con, self.group, next_offsets)
+            tables.save_offsets(
+                con,
+                self.group,
+                {tp: max(o, stored.get(tp, 0)) for tp, o in next_offsets.items()},
+            )
         self._commit_to_kafka(next_offsets)
         self.handler.after_commit(rows)
 

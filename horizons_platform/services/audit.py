@@ -204,27 +204,15 @@ class AuditHandler(Handler):
         return [("audit_log", audit_row(record))]
 
     def persist(self, con: duckdb.DuckDBPyConnection, rows: Rows) -> None:
-        new = _not_yet_audited(con, rows.tables.pop("audit_log", []))
+        # Replays never reach this point: the loop fences on the stored offsets, and the
+        # UNIQUE (topic, partition, offset) constraint is the last line of defence.
+        new = rows.tables.pop("audit_log", [])
         # The chain is extended inside the write transaction: DuckDB's single-writer
         # lock makes the tail we read here the true tail, even with several auditors.
         last_seq, last_hash = tables.audit_tail(con)
         chain(new, last_seq, last_hash)
         tables.insert(con, "audit_log", new)
         super().persist(con, rows)
-
-
-def _not_yet_audited(
-    con: duckdb.DuckDBPyConnection, rows: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    """Drop rows whose (topic, partition, offset) is already in the log (a replay)."""
-    by_tp: dict[tuple[str, int], list[int]] = {}
-    for r in rows:
-        by_tp.setdefault((r["topic"], r["partition"]), []).append(r["offset"])
-    seen: set[tuple[str, int, int]] = set()
-    for (topic, part), offsets in by_tp.items():
-        for off in tables.audited_offsets(con, topic, part, min(offsets), max(offsets)):
-            seen.add((topic, part, off))
-    return [r for r in rows if (r["topic"], r["partition"], r["offset"]) not in seen]
 
 
 def iter_rows(con: duckdb.DuckDBPyConnection, batch: int = 50_000) -> Iterator[dict[str, Any]]:

@@ -15,10 +15,12 @@ import pyarrow as pa
 
 # Primary/unique key per table; an insert that meets an existing key is a no-op, which
 # makes every replay of an already-stored event harmless.
+# (audit_log is not here: its seq is assigned inside the write transaction, and an
+# ON CONFLICT check against its composite UNIQUE index costs ~50 µs a row; a violation
+# raises instead, and the loop isolates the offending record.)
 TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "job_events": ("event_id",),
     "job_metrics": ("event_id",),
-    "audit_log": ("seq",),
     "notifications": ("notification_id",),
     "health_alerts": ("alert_id",),
     "dead_letters": ("consumer_group", "topic", "partition", "offset"),
@@ -166,7 +168,14 @@ def audit_tail(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
     """The last (seq, hash) of the chain, including records removed by retention."""
     # fetchall, not fetchone: duckdb 2.0 keeps a half-read result open, and the next
     # register() on this connection then fails with ResourceInUseException.
-    rows = con.execute("SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1").fetchall()
+    # max(seq) reads one narrow column; the hash then comes from a primary-key lookup
+    # (ORDER BY seq DESC LIMIT 1 would scan every 64-character hash).
+    last = con.execute("SELECT max(seq) FROM audit_log").fetchall()[0][0]
+    rows = (
+        con.execute("SELECT seq, hash FROM audit_log WHERE seq = ?", [last]).fetchall()
+        if last is not None
+        else []
+    )
     checkpoints = con.execute(
         "SELECT last_removed_seq, last_removed_hash FROM audit_checkpoints "
         "WHERE last_removed_seq IS NOT NULL ORDER BY last_removed_seq DESC LIMIT 1"
@@ -176,14 +185,3 @@ def audit_tail(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
         return 0, None
     seq, digest = max(candidates, key=lambda r: r[0])
     return int(seq), digest
-
-
-def audited_offsets(
-    con: duckdb.DuckDBPyConnection, topic: str, partition: int, low: int, high: int
-) -> set[int]:
-    rows = con.execute(
-        'SELECT "offset" FROM audit_log WHERE topic = ? AND "partition" = ? '
-        'AND "offset" BETWEEN ? AND ?',
-        [topic, partition, low, high],
-    ).fetchall()
-    return {r[0] for r in rows}
