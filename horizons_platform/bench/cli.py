@@ -1,0 +1,167 @@
+"""`horizons bench …`: parse, run one benchmark in its own context, print, write JSON."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from horizons_platform.settings import SERVICE_GROUPS, Settings
+
+# Benchmark name → (module, one-line help). Modules are imported only when run.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "ingest": ("ingest", "throughput produced → committed in DuckDB, per service and all four"),
+    "latency": ("latency", "p50/p95/p99 produce → stored at a steady rate, and job → e-mail"),
+    "memory": ("memory", "consumer host RSS while it processes N events (default 1,000,000)"),
+    "burst": ("burst", "lag rise and drain after a burst, and when the lag alert fired"),
+    "soak": ("soak", "steady load for N minutes: memory stays bounded, nothing lost"),
+    "faults": ("faults", "fault injection: kills, broker restarts, DB lock, SMTP down, poison"),
+}
+ALL_ORDER = ("ingest", "latency", "burst", "memory", "soak", "faults")
+
+EPILOG = """\
+Each benchmark starts the embedded broker on HORIZONS_BROKER_PORT if it is not running
+(and stops it afterwards), unless HORIZONS_KAFKA_BOOTSTRAP names a cluster. Topics and
+the DuckDB file are the run's own (bench-<timestamp>-…, var/bench/<name>-<ts>/), and are
+removed afterwards unless --keep-data. Results: a table on stdout, JSON in
+var/bench/<name>-<timestamp>.json, progress on stderr.
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=7, help="simulation seed (default 7)")
+    p.add_argument(
+        "--keep-data", action="store_true", help="keep the run's topics and DuckDB files"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def _services(p: argparse.ArgumentParser, default_help: str) -> None:
+    p.add_argument(
+        "--service",
+        action="append",
+        choices=SERVICE_GROUPS,
+        metavar="NAME",
+        help=f"consumer group (repeatable; default: {default_help})",
+    )
+
+
+def _parser(bench: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+    text = BENCHMARKS[name][1]
+    return bench.add_parser(
+        name, help=text, description=text[0].upper() + text[1:] + ".", epilog=EPILOG
+    )
+
+
+def add_bench_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = sub.add_parser(
+        "bench",
+        help="benchmarks and fault injection (prints a table, writes JSON)",
+        description="Benchmarks against the real broker, consumer hosts and DuckDB.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+
+    p = _parser(bench, "ingest")
+    p.add_argument("--events", type=int, default=100_000, help="events (default 100,000)")
+    _services(p, "each of the four alone")
+    p.add_argument("--no-together", action="store_true", help="skip the all-four run")
+    p.add_argument("--timeout", type=float, default=1800.0, help="per host run, seconds")
+    _common(p)
+
+    p = _parser(bench, "latency")
+    p.add_argument("--rate", type=float, default=1000.0, help="events/s (default 1,000)")
+    p.add_argument("--seconds", type=float, default=30.0, help="duration (default 30)")
+    _common(p)
+
+    p = _parser(bench, "memory")
+    p.add_argument("--events", type=int, default=1_000_000, help="events (default 1,000,000)")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=15.0,
+        help="stop consuming after this long even if not done (default 15)",
+    )
+    _services(p, "all four in one host")
+    _common(p)
+
+    p = _parser(bench, "burst")
+    p.add_argument("--burst", type=int, default=30_000, help="burst size, events (30,000)")
+    p.add_argument("--rate", type=float, default=200.0, help="steady rate around it (200/s)")
+    p.add_argument(
+        "--threshold", type=int, default=2_000, help="lag alert threshold, messages (2,000)"
+    )
+    _common(p)
+
+    p = _parser(bench, "soak")
+    p.add_argument("--minutes", type=float, default=5.0, help="duration (default 5)")
+    p.add_argument("--rate", type=float, default=200.0, help="events/s (default 200)")
+    _common(p)
+
+    p = _parser(bench, "faults")
+    p.add_argument("--kills", type=int, default=20, help="SIGKILLs of the host (default 20)")
+    p.add_argument("--restarts", type=int, default=5, help="short broker outages (default 5)")
+    p.add_argument(
+        "--only",
+        action="append",
+        metavar="SCENARIO",
+        help="run only these scenarios (repeatable): kills, broker, dblock, smtp, fuzz, "
+        "hostile, oversized",
+    )
+    _common(p)
+
+    p = bench.add_parser("all", help="every benchmark above with its defaults", epilog=EPILOG)
+    _common(p)
+    parser.set_defaults(func=cmd_bench)
+
+
+def _kwargs(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The options of one benchmark, as keyword arguments of its ``run``."""
+    skip = {"command", "benchmark", "func", "verbose", "keep_data", "quiet"}
+    kwargs = {k: v for k, v in vars(args).items() if k not in skip}
+    if "service" in kwargs:
+        services = kwargs.pop("service")
+        if services:
+            kwargs["services"] = tuple(services)
+    if "no_together" in kwargs:
+        kwargs["together"] = not kwargs.pop("no_together")
+    return kwargs
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from horizons_platform.bench.harness import Progress, broker_for
+
+    settings = Settings()
+    progress = Progress(quiet=args.quiet)
+    names = ALL_ORDER if args.benchmark == "all" else (args.benchmark,)
+    failed = False
+    with broker_for(settings, progress):  # one broker for all of `bench all`
+        for name in names:
+            kwargs = {"seed": args.seed} if args.benchmark == "all" else _kwargs(args, name)
+            failed |= not _run_one(name, kwargs, settings, progress, args.keep_data)
+    return 1 if failed else 0
+
+
+def _run_one(
+    name: str, kwargs: dict[str, Any], settings: Settings, progress: Any, keep: bool
+) -> bool:
+    from horizons_platform.bench.harness import bench_context
+
+    module = importlib.import_module(f"horizons_platform.bench.{BENCHMARKS[name][0]}")
+    run: Callable[..., Any] = module.run
+    started = time.monotonic()
+    progress.say(f"bench {name}: {kwargs}")
+    with bench_context(name, settings, progress, keep_data=keep) as ctx:
+        result = run(ctx, **kwargs)
+        result.duration_s = time.monotonic() - started
+        path = result.write_json(Path(settings.var_dir).absolute() / "bench", ctx.stamp)
+    progress.say(f"bench {name}: done in {result.duration_s:.0f} s")
+    print(result.table())
+    print(f"(JSON: {path})\n", flush=True)
+    # Missing a performance target is a result, not an error; a fault that lost or
+    # doubled something is an error.
+    return result.passed

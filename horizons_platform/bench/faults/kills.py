@@ -1,0 +1,45 @@
+"""SIGKILL the consumer host again and again while events stream in; restart it each time.
+
+A kill lands at a random moment 0.3–2 s after the host is ready, i.e. while it works
+through the backlog that built up during the restart: mid-batch, mid-transaction,
+mid-SMTP-session. Afterwards a last host catches up and the store must hold every event
+exactly once (e-mails may be re-sent with the same Message-ID: SMTP is at-least-once).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+from horizons_platform.bench.faults.common import Check, FaultOutcome, FaultRun
+from horizons_platform.bench.harness import BenchContext
+from horizons_platform.bench.smtp import SmtpSink
+from horizons_platform.bench.stats import summary_ms
+
+
+def run(
+    ctx: BenchContext, smtp: SmtpSink, kills: int = 20, rate: float = 400.0, seed: int = 7
+) -> FaultOutcome:
+    fault = FaultRun(ctx, "kills", smtp)
+    rng = random.Random(seed)
+    restarts: list[float] = []
+    try:
+        fault.stream(events=10_000_000, rate=rate, seed=seed)  # until stopped
+        for i in range(kills):
+            started = time.monotonic()
+            host = fault.host()
+            restarts.append(time.monotonic() - started)
+            time.sleep(rng.uniform(0.3, 2.0))
+            host.kill()
+            ctx.progress.status(f"kills: {i + 1}/{kills} (ready after {restarts[-1]:.1f} s)")
+        fault.wait_traffic(stop=True)
+        verification = fault.finish()
+    finally:
+        fault.stop_all()
+    ready = summary_ms(restarts)
+    return fault.outcome(
+        f"SIGKILL of the consumer host ×{kills}",
+        verification,
+        [Check(f"{kills} kills mid-stream", len(restarts) == kills)],
+        {"kills": kills, "restart_to_ready_ms": ready},
+    )

@@ -1,0 +1,195 @@
+"""`horizons bench latency`: how long an event takes to be stored, and a finished job to
+reach its owner's mailbox, at a steady rate.
+
+Two clocks per event, both conservative in a different way:
+
+* produce → committed: the Kafka CreateTime of the message against the moment its
+  group's committed offset (sampled every ~20 ms from the broker) passed it. The loop
+  commits to Kafka right after the DuckDB transaction, so this is an upper bound on
+  produce → durable in DuckDB, by at most the sampling interval.
+* produce → row stamp: the same CreateTime against the row's own ``ingested_at`` /
+  ``recorded_at``, which the handler stamps *before* the transaction commits: a lower
+  bound.
+
+E-mail: CreateTime of the terminal event against the moment the SMTP sink received the
+message for that job.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from horizons_platform import events as ev
+from horizons_platform.bench.harness import BenchContext, wait_until
+from horizons_platform.bench.hostproc import HostProcess
+from horizons_platform.bench.offsets import TP, OffsetProbe
+from horizons_platform.bench.report import BenchResult, Figure, Target
+from horizons_platform.bench.smtp import SmtpSink
+from horizons_platform.bench.stats import summary_ms
+from horizons_platform.bench.workload import Ledger, LedgerPublisher, Sent, produce_jobs
+from horizons_platform.services.registry import group_topics
+from horizons_platform.settings import SERVICE_GROUPS, Settings
+from horizons_platform.store.connection import Store
+
+STORED_TARGET = Target("le", 150)
+EMAIL_TARGET = Target("le", 500)
+SAMPLE_INTERVAL_S = 0.02
+
+
+class CommitWatcher:
+    """Samples every group's committed offsets; remembers when each one moved."""
+
+    def __init__(self, probe: OffsetProbe) -> None:
+        self.probe = probe
+        # (group, tp) → parallel lists of (committed offset, wall time first seen)
+        self.offsets: dict[tuple[str, TP], list[int]] = defaultdict(list)
+        self.times: dict[tuple[str, TP], list[float]] = defaultdict(list)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="commit-watcher", daemon=True)
+        self.polls = 0
+
+    def start(self) -> CommitWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            tick = time.monotonic()
+            for group in self.probe.groups:
+                committed = self.probe.committed(group)
+                seen = time.time()  # after the answer: never earlier than the commit
+                for tp, offset in committed.items():
+                    key = (group, tp)
+                    if offset and (not self.offsets[key] or offset > self.offsets[key][-1]):
+                        self.offsets[key].append(offset)
+                        self.times[key].append(seen)
+            self.polls += 1
+            self._stop.wait(max(0.0, SAMPLE_INTERVAL_S - (time.monotonic() - tick)))
+
+    def committed_at(self, group: str, sent: Sent) -> float | None:
+        """When ``group``'s committed offset first passed ``sent``'s offset."""
+        key = (group, (sent.topic, sent.partition))
+        i = bisect.bisect_right(self.offsets[key], sent.offset)
+        return self.times[key][i] if i < len(self.times[key]) else None
+
+
+def _row_latencies(settings: Settings, by_coord: dict[tuple[str, int, int], Sent]) -> dict:
+    """produce → row stamp, per table (a lower bound: stamped before the commit)."""
+    coords = 'topic, "partition", "offset"'
+    queries = {
+        "job_events.ingested_at": f"SELECT {coords}, ingested_at FROM job_events",
+        "audit_log.recorded_at": f"SELECT {coords}, recorded_at FROM audit_log",
+        "notifications.created_at": (
+            'SELECT e.topic, e."partition", e."offset", n.created_at FROM notifications n '
+            "JOIN job_events e USING (event_id)"
+        ),
+    }
+    out: dict[str, list[float]] = {}
+    with Store(settings).reader() as con:
+        for name, sql in queries.items():
+            values = []
+            for topic, part, off, stamp in con.execute(sql).fetchall():
+                sent = by_coord.get((topic, part, off))
+                if sent is not None:
+                    values.append(stamp.timestamp() - sent.ts)
+            out[name] = values
+    return out
+
+
+def _email_latencies(ledger: Ledger, smtp: SmtpSink) -> list[float]:
+    terminal = {s.key.decode(): s.ts for s in ledger.sent if s.kind in ev.TERMINAL_TYPES and s.key}
+    first: dict[str, float] = {}
+    for r in smtp.snapshot():
+        job_id = r.subject.split(" job ", 1)[-1].rsplit(" ", 1)[0]
+        first.setdefault(job_id, r.at)
+    return [at - terminal[j] for j, at in first.items() if j in terminal]
+
+
+def run(
+    ctx: BenchContext, rate: float = 1000.0, seconds: float = 30.0, seed: int = 7
+) -> BenchResult:
+    result = BenchResult("latency", params={"rate": rate, "seconds": seconds, "seed": seed})
+    with SmtpSink() as smtp:
+        settings = ctx.settings("latency", smtp_port=smtp.port)
+        topics = group_topics(settings)
+        probe = OffsetProbe(settings, topics)
+        host = HostProcess(settings, ctx.run_dir / "host-latency.log").start()
+        try:
+            ctx.progress.say(f"latency: host pid {host.pid}, ready in {host.wait_ready():.1f} s")
+            watcher = CommitWatcher(OffsetProbe(settings, topics)).start()
+            ledger = Ledger(track=True)
+            publisher = LedgerPublisher(settings, ledger)  # the platform's own producer config
+            ctx.progress.say(f"latency: producing {rate:,.0f} events/s for {seconds:.0f} s")
+            started = time.monotonic()
+            produce_jobs(
+                settings,
+                int(rate * seconds),
+                publisher,
+                rate=rate,
+                seed=seed,
+                progress=lambda n, total: ctx.progress.status(f"latency: sent {n:,}/{total:,}"),
+            )
+            achieved = ledger.total / (time.monotonic() - started)
+
+            def drained() -> bool:
+                states = probe.snapshot()
+                return all(s.caught_up for s in states.values()) and (
+                    smtp.distinct() >= ledger.terminal
+                )
+
+            wait_until(drained, timeout=300, interval=0.5, what="consumers and e-mails")
+            watcher.stop()
+        finally:
+            host.stop()
+
+    by_group: dict[str, list[float]] = {}
+    for group in SERVICE_GROUPS:
+        values = []
+        for sent in ledger.sent:
+            if sent.topic in topics[group]:
+                at = watcher.committed_at(group, sent)
+                if at is not None:
+                    values.append(at - sent.ts)
+        by_group[group] = values
+    by_coord = {(s.topic, s.partition, s.offset): s for s in ledger.sent}
+    rows = _row_latencies(settings, by_coord)
+    emails = _email_latencies(ledger, smtp)
+
+    result.add(Figure("achieved produce rate", achieved, "events/s", note=f"{ledger.total:,}"))
+    for group, values in by_group.items():
+        result.add(_p99(f"produce → committed, {group}", values, STORED_TARGET))
+    for name, values in rows.items():
+        result.add(_p99(f"produce → {name} (lower bound)", values, None))
+    result.add(_p99("job finished → e-mail received", emails, EMAIL_TARGET))
+    result.notes.append(
+        f"committed offsets sampled every {SAMPLE_INTERVAL_S * 1000:.0f} ms "
+        f"({watcher.polls:,} polls): committed figures are upper bounds by that much"
+    )
+    result.details = {
+        "produced": ledger.summary(),
+        "produce_to_committed": {g: summary_ms(v) for g, v in by_group.items()},
+        "produce_to_row_stamp": {n: summary_ms(v) for n, v in rows.items()},
+        "job_to_email": summary_ms(emails),
+        "emails_received": len(smtp.snapshot()),
+        "emails_expected": ledger.terminal,
+    }
+    return result
+
+
+def _p99(name: str, seconds: list[float], target: Target | None) -> Figure:
+    s: dict[str, Any] = summary_ms(seconds)
+    return Figure(
+        f"{name} p99",
+        s["p99_ms"],
+        "ms",
+        target,
+        note=f"p50 {s['p50_ms']} / p95 {s['p95_ms']} / max {s['max_ms']} ms, n={s['n']:,}",
+    )

@@ -1,0 +1,76 @@
+"""Pure pieces of `horizons bench`: statistics, targets, timelines, verification maths,
+settings passed to subprocesses. No broker."""
+
+from __future__ import annotations
+
+import pytest
+
+from horizons_platform.bench.harness import settings_env
+from horizons_platform.bench.offsets import GroupState
+from horizons_platform.bench.report import BenchResult, Figure, Target
+from horizons_platform.bench.runner import Sample, Timeline
+from horizons_platform.bench.stats import growth_pct, percentile, summary_ms
+from horizons_platform.bench.verify import TableCount
+from horizons_platform.settings import Settings
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([], 99) is None
+    assert summary_ms([0.1, 0.2]) == {
+        "n": 2,
+        "p50_ms": 100.0,
+        "p95_ms": 200.0,
+        "p99_ms": 200.0,
+        "max_ms": 200.0,
+    }
+
+
+def test_targets_and_growth() -> None:
+    assert Target("ge", 50_000).met(60_000) is True
+    assert Target("le", 150).met(151) is False
+    assert Target("eq", 0).met(0) is True
+    assert Target("ge", 1).met(None) is None
+    assert str(Target("ge", 50_000)) == "≥ 50,000"
+    assert growth_pct(100, 110) == 10
+    assert growth_pct(None, 110) is None
+
+
+def _sample(t: float, done: int, total: int = 1000) -> Sample:
+    return Sample(t, {"g": GroupState(done, total)}, None)
+
+
+def test_timeline_rate_excludes_start_up_and_stops_at_catch_up() -> None:
+    timeline = Timeline(
+        0.0, [_sample(0, 0), _sample(1, 100), _sample(3, 500), _sample(5, 1000), _sample(9, 1000)]
+    )
+    assert timeline.steady_rate("g") == (1000 - 100) / (5 - 1)
+    assert [w["rate"] for w in timeline.windows("g", 2.0)] == [200.0, 250.0]
+
+
+def test_lost_and_doubled_are_counted_on_distinct_rows() -> None:
+    assert TableCount("job_events", expected=10, stored=12, distinct=9).doubled == 3
+    assert TableCount("job_events", expected=10, stored=12, distinct=9).lost == 1
+    assert TableCount("job_events", expected=10, stored=11, distinct=11).extra == 1
+    audit = TableCount("audit_log", 10, 15, 15, covered=10, extra_allowed=True)
+    assert (audit.lost, audit.doubled, audit.extra) == (0, 0, 0)
+
+
+def test_settings_survive_the_trip_through_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    original = Settings(broker_grace_s=7.5, smtp_starttls=True, topic_job_lifecycle="x-lc")
+    for key, value in settings_env(original).items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == original
+
+
+def test_result_table_shows_targets_and_ratios() -> None:
+    result = BenchResult("ingest", params={})
+    result.add(Figure("auditor alone", 12_345.6, "events/s", Target("ge", 50_000), 0.12, 0.5))
+    text = result.table()
+    assert "auditor alone" in text and "12,346" in text and "NO" in text and "0.12×" in text
+    assert not result.ok
