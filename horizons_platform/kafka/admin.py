@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from confluent_kafka import (
     OFFSET_INVALID,
     Consumer,
-    ConsumerGroupTopicPartitions,
     KafkaError,
     KafkaException,
     TopicPartition,
@@ -114,7 +113,6 @@ def group_lag(
     settings: Settings, groups: dict[str, list[str]], timeout: float = 10.0
 ) -> list[PartitionLag]:
     """Lag per group and partition, in messages and seconds, from Kafka's committed offsets."""
-    admin = admin_client(settings)
     # A short fetch wait: the age probe's poll would otherwise leave a fetch outstanding
     # that every later watermark request on this consumer queues behind (~0.5 s each).
     probe = Consumer(
@@ -138,9 +136,7 @@ def group_lag(
                 if t in meta.topics
                 for p in meta.topics[t].partitions
             ]
-            request = [ConsumerGroupTopicPartitions(group, tps)]
-            committed = admin.list_consumer_group_offsets(request)[group].result(timeout=timeout)
-            for tp in committed.topic_partitions:
+            for tp in _committed(settings, group, tps, timeout):
                 key = (tp.topic, tp.partition)
                 if key not in marks:
                     marks[key] = watermarks(probe, TopicPartition(*key), deadline)
@@ -189,3 +185,18 @@ def _ages(
             probe.unassign()
         depth += 1
     return ages
+
+
+def _committed(
+    settings: Settings, group: str, tps: list[TopicPartition], timeout: float
+) -> list[TopicPartition]:
+    """The group's committed offsets, read by a consumer that never joins the group.
+
+    Not AdminClient.list_consumer_group_offsets: right after a broker restart it can
+    crash librdkafka 2.16 (SIGSEGV on NOT_COORDINATOR, librdkafka#5040).
+    """
+    reader = Consumer(settings.kafka_config(**{"group.id": group, "enable.auto.commit": False}))
+    try:
+        return reader.committed(tps, timeout=timeout) if tps else []
+    finally:
+        reader.close()
