@@ -7,18 +7,21 @@ import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 
-# Benchmark name → (module, one-line help). Modules are imported only when run.
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "ingest": ("ingest", "throughput produced → committed in DuckDB, per service and all four"),
-    "latency": ("latency", "p50/p95/p99 produce → stored at a steady rate, and job → e-mail"),
-    "memory": ("memory", "consumer host RSS while it processes N events (default 1,000,000)"),
-    "burst": ("burst", "lag rise and drain after a burst, and when the lag alert fired"),
-    "soak": ("soak", "steady load for N minutes: memory stays bounded, nothing lost"),
-    "faults": ("faults", "fault injection: kills, broker restarts, DB lock, SMTP down, poison"),
+if TYPE_CHECKING:
+    from horizons_platform.bench.harness import Progress
+
+# Benchmark (= module of horizons_platform.bench, imported only when run) → one-line help.
+BENCHMARKS: dict[str, str] = {
+    "ingest": "throughput produced → committed in DuckDB, per service and all four",
+    "latency": "p50/p95/p99 produce → stored at a steady rate, and job → e-mail",
+    "memory": "consumer host RSS while it processes N events (default 1,000,000)",
+    "burst": "lag rise and drain after a burst, and when the lag alert fired",
+    "soak": "steady load for N minutes: memory stays bounded, nothing lost",
+    "faults": "fault injection: kills, broker restarts, DB lock, SMTP down, poison",
 }
 ALL_ORDER = ("ingest", "latency", "burst", "memory", "soak", "faults")
 
@@ -50,7 +53,7 @@ def _services(p: argparse.ArgumentParser, default_help: str) -> None:
 
 
 def _parser(bench: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
-    text = BENCHMARKS[name][1]
+    text = BENCHMARKS[name]
     return bench.add_parser(
         name, help=text, description=text[0].upper() + text[1:] + ".", epilog=EPILOG
     )
@@ -119,7 +122,7 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     parser.set_defaults(func=cmd_bench)
 
 
-def _kwargs(args: argparse.Namespace, name: str) -> dict[str, Any]:
+def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The options of one benchmark, as keyword arguments of its ``run``."""
     skip = {"command", "benchmark", "func", "verbose", "keep_data", "quiet"}
     kwargs = {k: v for k, v in vars(args).items() if k not in skip}
@@ -141,17 +144,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     failed = False
     with broker_for(settings, progress):  # one broker for all of `bench all`
         for name in names:
-            kwargs = {"seed": args.seed} if args.benchmark == "all" else _kwargs(args, name)
+            kwargs = {"seed": args.seed} if args.benchmark == "all" else _kwargs(args)
             failed |= not _run_one(name, kwargs, settings, progress, args.keep_data)
     return 1 if failed else 0
 
 
 def _run_one(
-    name: str, kwargs: dict[str, Any], settings: Settings, progress: Any, keep: bool
+    name: str, kwargs: dict[str, Any], settings: Settings, progress: Progress, keep: bool
 ) -> bool:
     from horizons_platform.bench.harness import bench_context
 
-    module = importlib.import_module(f"horizons_platform.bench.{BENCHMARKS[name][0]}")
+    module = importlib.import_module(f"horizons_platform.bench.{name}")
     run: Callable[..., Any] = module.run
     started = time.monotonic()
     progress.say(f"bench {name}: {kwargs}")

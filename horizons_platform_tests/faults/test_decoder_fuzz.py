@@ -34,7 +34,7 @@ def test_decode_raises_only_event_decode_error_with_a_storable_message(raw: byte
 
 
 @given(broken_events)
-def testbroken_events_are_rejected(raw: bytes) -> None:
+def test_broken_events_are_rejected(raw: bytes) -> None:
     with pytest.raises(ev.EventDecodeError):
         ev.decode(raw)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from horizons_platform.bench.harness import settings_env
+from horizons_platform.bench.memory import processed, rss_level
 from horizons_platform.bench.offsets import GroupState
 from horizons_platform.bench.report import BenchResult, Figure, Target
 from horizons_platform.bench.runner import Sample, Timeline
@@ -74,3 +75,14 @@ def test_result_table_shows_targets_and_ratios() -> None:
     text = result.table()
     assert "auditor alone" in text and "12,346" in text and "NO" in text and "0.12×" in text
     assert not result.ok
+
+
+def test_rss_level_is_a_median_over_the_slowest_groups_progress() -> None:
+    def sample(i: int) -> Sample:
+        states = {"fast": GroupState(1000, 1000), "slow": GroupState(i * 10, 1000)}
+        return Sample(float(i), states, (100 + i) * 2**20)
+
+    timeline = Timeline(0.0, [sample(i) for i in range(101)])
+    assert processed(timeline.samples[50], 10_000) == 5_000  # the slow group's share
+    assert rss_level(timeline, 10_000, 4_000, 6_000) == 150 * 2**20
+    assert rss_level(timeline, 10_000, 20_000, 30_000) is None
