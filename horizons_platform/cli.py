@@ -89,8 +89,15 @@ def cmd_consume(args: argparse.Namespace) -> int:
     code = run_host(
         settings,
         groups,
-        on_ready=lambda h: print("consumers ready (Ctrl-C to stop)", file=sys.stderr),
+        on_ready=lambda host: print(
+            f"consumers ready; the store is served on {host.store.info.uri}"
+            if host.store.info
+            else "consumers ready",
+            "(Ctrl-C to stop)",
+            file=sys.stderr,
+        ),
         background=background,
+        on_standby=lambda message: print(message, file=sys.stderr),
     )
     print(f"consumers stopped (exit {code})", file=sys.stderr)
     return code
@@ -117,18 +124,59 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from horizons_platform.store.connection import Store
+    from horizons_platform.output import write_result
+    from horizons_platform.store.client import Store
+    from horizons_platform.store.sql import write_statements
 
-    columns, rows = Store(_settings()).query(args.sql)
-    _print_table(columns, rows, limit=args.limit)
+    try:
+        writes = write_statements(args.sql)
+    except Exception as exc:  # duckdb.ParserException: say so before touching the store
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if writes and not args.write:
+        print(
+            f"refused: the query holds {', '.join(sorted(set(writes)))}, which changes the "
+            "store; run it again with --write if that is what you mean",
+            file=sys.stderr,
+        )
+        return 2
+    store = Store(_settings())
+    # Reads run in a READ ONLY transaction too: the owner refuses writes the parser
+    # check above could miss (a side-effecting function, say).
+    session = store.transaction() if args.write else store.snapshot()
+    with session as con:
+        shown = write_result(con.execute(args.sql), args.format, args.limit, sys.stdout)
+    if args.format == "table":
+        more = f" (stopped at --limit {args.limit})" if shown.truncated else ""
+        print(f"({shown.rows} row{'s' if shown.rows != 1 else ''}{more})")
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    from horizons_platform.store.client import Store
+
+    settings = _settings()
+    store = Store(settings)
+    status = store.status()
+    for key, value in status.items():
+        if key != "clients":
+            print(f"{key.ljust(12)}  {value}")
+    if status["owner_pid"] is None:
+        print("the store has no owner: start `horizons consume` (or `horizons up`)")
+        return 1
+    clients = status["clients"]
+    print(f"clients       {len(clients)} connected")
+    for client in clients:
+        print(f"  {client}")
     return 0
 
 
 def cmd_verify_audit(args: argparse.Namespace) -> int:
     from horizons_platform.services.audit import verify_store
-    from horizons_platform.store.connection import Store
+    from horizons_platform.store.client import Store
 
-    with Store(_settings()).reader() as con:
+    # One snapshot, read beside the consumers: never inside a write transaction.
+    with Store(_settings()).snapshot() as con:
         result = verify_store(con)
     if result.ok:
         print(f"audit chain verified: {result.checked} records")
@@ -142,7 +190,7 @@ def cmd_verify_audit(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from horizons_platform.services.compliance import latest_report
-    from horizons_platform.store.connection import Store
+    from horizons_platform.store.client import Store
 
     report = latest_report(Store(_settings()), generate=args.generate)
     if report is None:
@@ -210,13 +258,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "query",
-        help="run read-only SQL against the DuckDB file",
-        description="Read-only SQL; waits its turn on the file lock. Quote the "
-        'keywords "partition" and "offset" when you use them as columns.',
+        help="run SQL against the store (read-only unless --write)",
+        description="Run SQL on the store: through the consumer host when it runs (the "
+        "query runs beside the consumers and never stalls them), on the DuckDB file "
+        'otherwise. Results stream. Quote the keywords "partition" and "offset" '
+        "when you use them as columns.",
     )
     p.add_argument("sql")
-    p.add_argument("--limit", type=int, default=200, help="rows to print (default 200)")
+    p.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="table (default), csv with a header, or a JSON array of objects",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="stop after N rows (default: 200 for table, all for csv/json; 0 = all)",
+    )
+    p.add_argument(
+        "--write",
+        action="store_true",
+        help="allow statements that change the store (INSERT, UPDATE, DELETE, DDL …), "
+        "run in one transaction",
+    )
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser(
+        "store",
+        help="inspect the store and its owner",
+        description="The DuckDB store's owner (pid, Quack port), its connected clients "
+        "and the file size. Exit 1 when no owner serves the file.",
+    )
+    p.add_argument("action", choices=["status"])
+    p.set_defaults(func=cmd_store)
 
     p = sub.add_parser(
         "verify-audit",

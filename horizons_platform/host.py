@@ -1,5 +1,8 @@
 """The consumer host: wires the four services to the one consumer loop (`horizons consume`).
 
+The host owns the store (:class:`StoreOwner`): it opens the DuckDB file — waiting as a
+hot standby while another host holds it — and serves it to every other process.
+
 Each selected service gets its own ConsumerLoop (own consumer group) on a thread; the
 notification service also gets the outbox dispatcher, the health service the monitor.
 SIGTERM / SIGINT stop every loop after its current batch. If a loop loses the broker
@@ -25,7 +28,7 @@ from horizons_platform.runtime.outbox import OutboxDispatcher
 from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import SERVICE_GROUPS, Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.owner import StoreOwner
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +43,23 @@ class Host:
     monitor: HealthMonitor | None = None
     exit_codes: dict[str, int] = field(default_factory=dict)
     # Extra periodic hooks (e.g. reporting materializations to Dagster); never block ingest.
-    background: list[Callable[[threading.Event], None]] = field(default_factory=list)
+    background: list[Callable[[threading.Event, StoreOwner], None]] = field(default_factory=list)
+    on_standby: Callable[[str], None] | None = None
 
     def __post_init__(self) -> None:
         unknown = set(self.groups) - set(HANDLERS)
         if unknown:
             raise ValueError(f"unknown service(s) {sorted(unknown)}; choose from {list(HANDLERS)}")
-        self.store = Store(self.settings, sticky=True)
+        self.store = StoreOwner(self.settings)
         self.publisher = Publisher(self.settings)
         self._threads: list[threading.Thread] = []
 
-    def start(self) -> None:
+    def start(self) -> bool:
+        """Take the store (as a standby, wait for it), then start every service.
+        False when stopped while still a standby."""
+        if not self.store.open(self.stop_event, self.on_standby):
+            return False
         ensure_topics(self.settings)
-        self.store.ensure_schema()
         for group in self.groups:
             handler = HANDLERS[group](self.settings)
             self.loops[group] = ConsumerLoop(
@@ -70,10 +77,14 @@ class Host:
             self.monitor = HealthMonitor(self.settings, self.store, self.publisher, self.stop_event)
             self._spawn("health-monitor", self.monitor.run)
         for hook in self.background:
-            self._spawn(getattr(hook, "__name__", "background"), lambda h=hook: h(self.stop_event))
+            self._spawn(
+                getattr(hook, "__name__", "background"),
+                lambda h=hook: h(self.stop_event, self.store),
+            )
         for group, loop in self.loops.items():
             self._spawn(f"consumer-{group}", lambda g=group, lp=loop: self._run_loop(g, lp))
         self._announce(ev.ConsumerStarted, "started")
+        return True
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -103,7 +114,7 @@ class Host:
         if not any(self.exit_codes.values()):
             self._announce(ev.ConsumerStopped, "stopped")
         self.publisher.flush(2.0)
-        self.store.release()
+        self.store.close()
         return max(self.exit_codes.values(), default=EXIT_OK)
 
     def _announce(self, cls: type[ev.Envelope], detail: str) -> None:
@@ -130,10 +141,11 @@ def run_host(
     settings: Settings,
     groups: Iterable[str] = SERVICE_GROUPS,
     on_ready: Callable[[Host], None] | None = None,
-    background: Iterable[Callable[[threading.Event], None]] = (),
+    background: Iterable[Callable[[threading.Event, StoreOwner], None]] = (),
+    on_standby: Callable[[str], None] | None = None,
 ) -> int:
     """Run until SIGINT/SIGTERM (exit 0) or a lost broker (non-zero)."""
-    host = Host(settings, tuple(groups), background=list(background))
+    host = Host(settings, tuple(groups), background=list(background), on_standby=on_standby)
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("received %s: stopping after the current batches", signal.Signals(signum).name)
@@ -141,7 +153,8 @@ def run_host(
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    host.start()
+    if not host.start():
+        return 0  # stopped while waiting as a standby
     if host.wait_ready() and on_ready:
         on_ready(host)
     while not host.stop_event.wait(0.5):

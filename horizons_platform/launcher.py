@@ -261,7 +261,23 @@ class Launcher:
         argv = [sys.executable, "-m", "horizons_platform.cli", "consume"]
         child = self._spawn("consumers", argv, env, root)
         self.out(f"consumers: pid {child.proc.pid}, log {child.log_path}")
+        self._wait_for_store(child)
         return child
+
+    def _wait_for_store(self, child: Child, timeout: float = 60.0) -> None:
+        """Dagster starts once the store is served, so its first runs go over Quack."""
+        from horizons_platform.store.endpoint import read_owner
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and child.proc.poll() is None:
+            owner = read_owner(self.settings)
+            if owner is not None:
+                ours = owner.pid == child.proc.pid
+                role = "" if ours else f" by pid {owner.pid}; ours is a standby"
+                self.out(f"store: {self.settings.database} served on {owner.uri}{role}")
+                return
+            time.sleep(0.1)
+        self.out("store: not served yet; Dagster runs will wait for it")
 
     def start_dagster(self, env: dict[str, str], root: Path, dagster_home: Path) -> Child:
         argv = [

@@ -59,10 +59,14 @@ class Settings(BaseSettings):
     broker_grace_s: float = 30.0  # how long consumers ride out a lost broker
     shutdown_timeout_s: float = 15.0
 
-    # --- DuckDB connector --------------------------------------------------------------
-    lock_deadline_s: float = 60.0
-    lock_backoff_initial_s: float = 0.005
-    lock_backoff_max_s: float = 0.05
+    # --- the store (DuckDB, owned by the consumer host, served over Quack) ---------------
+    store_port: int = 9494  # 0: any free port (written to store.json)
+    store_json: Path | None = None  # default: store.json beside the database
+    # How long a client waits for the file or for an owner to serve it (e.g. a takeover).
+    store_connect_timeout_s: float = 30.0
+    # DuckDB worker threads in the owner (default: all cores but one). A client's big
+    # query runs on these; the spare core keeps the consumers committing meanwhile.
+    store_threads: int | None = None
 
     # --- notifications / SMTP ------------------------------------------------------------
     smtp_host: str = "127.0.0.1"
@@ -106,6 +110,18 @@ class Settings(BaseSettings):
     @cached_property
     def database(self) -> Path:
         return self.duckdb_path or self.var_dir / "horizons.duckdb"
+
+    @cached_property
+    def store_file(self) -> Path:
+        # Beside the database (var/store.json by default), so whoever knows the file finds
+        # its owner whatever else their environment says; another database in the same
+        # folder gets its own (<name>.store.json).
+        if self.store_json:
+            return self.store_json
+        db = self.database
+        return db.parent / (
+            "store.json" if db.name == "horizons.duckdb" else f"{db.stem}.store.json"
+        )
 
     @cached_property
     def dagster_dir(self) -> Path:

@@ -18,7 +18,7 @@ from horizons_platform.host import Host
 from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.settings import SERVICE_GROUPS, Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.support import SmtpSink, free_port, unique_topics
 
 
@@ -71,7 +71,7 @@ def make_settings(bootstrap: str, var_dir: Path, smtp_port: int, **overrides: ob
         "broker_grace_s": 5.0,
         "smtp_backoff_initial_s": 0.2,
         "smtp_backoff_max_s": 1.0,
-        "lock_deadline_s": 60.0,
+        "store_port": free_port(),
         **unique_topics(),
     }
     fields.update(overrides)

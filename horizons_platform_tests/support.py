@@ -149,6 +149,7 @@ def running(target: Callable[[], Any]) -> Iterator[threading.Thread]:
 _ENV_FIELDS = (
     "kafka_bootstrap",
     "smtp_port",
+    "store_port",
     "var_dir",
     "topic_job_lifecycle",
     "topic_job_metrics",

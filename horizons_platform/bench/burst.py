@@ -29,7 +29,7 @@ from horizons_platform.bench.workload import Ledger, LedgerPublisher, produce_jo
 from horizons_platform.services.health_rules import LAG_RULES
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS, Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 
 STEADY_S = 10.0
 

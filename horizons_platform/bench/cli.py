@@ -21,9 +21,10 @@ BENCHMARKS: dict[str, str] = {
     "memory": "consumer host RSS while it processes N events (default 1,000,000)",
     "burst": "lag rise and drain after a burst, and when the lag alert fired",
     "soak": "steady load for N minutes: memory stays bounded, nothing lost",
-    "faults": "fault injection: kills, broker restarts, DB lock, SMTP down, poison",
+    "query": "a ~15 s analytical query through the owner while events stream: commit gaps",
+    "faults": "fault injection: kills, broker restarts, a held snapshot, SMTP down, poison",
 }
-ALL_ORDER = ("ingest", "latency", "burst", "memory", "soak", "faults")
+ALL_ORDER = ("ingest", "latency", "query", "burst", "memory", "soak", "faults")
 
 EPILOG = """\
 Each benchmark starts the embedded broker on HORIZONS_BROKER_PORT if it is not running
@@ -79,6 +80,16 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     p = _parser(bench, "latency")
     p.add_argument("--rate", type=float, default=1000.0, help="events/s (default 1,000)")
     p.add_argument("--seconds", type=float, default=30.0, help="duration (default 30)")
+    _common(p)
+
+    p = _parser(bench, "query")
+    p.add_argument("--rate", type=float, default=1000.0, help="events/s (default 1,000)")
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=60_000_000,
+        help="size of the query's range (default 60,000,000: ~15 s on 2 idle cores)",
+    )
     _common(p)
 
     p = _parser(bench, "memory")

@@ -113,6 +113,7 @@ class BenchContext:
         fields: dict[str, Any] = {
             "kafka_bootstrap": self.bootstrap,
             "duckdb_path": database,
+            "store_port": 0,  # any free port: runs never meet each other or `horizons up`
             "dagster_home": self.run_dir / "dagster",
             "topic_job_lifecycle": f"{prefix}-job-lifecycle",
             "topic_job_metrics": f"{prefix}-job-metrics",

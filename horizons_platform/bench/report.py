@@ -47,6 +47,13 @@ class Figure:
     vs_bare: float | None = None  # value / bare confluent-kafka loop rate
     vs_perf: float | None = None  # value / Kafka ConsumerPerformance rate
     note: str = ""
+    before: float | None = None  # the same figure before the store had one owner
+
+    @property
+    def vs_before(self) -> float | None:
+        if self.before is None or self.value is None or not self.before:
+            return None
+        return self.value / self.before
 
     @property
     def met(self) -> bool | None:
@@ -56,6 +63,7 @@ class Figure:
         out = asdict(self)
         out["target"] = str(self.target) if self.target else None
         out["met"] = self.met
+        out["vs_before"] = self.vs_before
         return out
 
 
@@ -124,6 +132,7 @@ class BenchResult:
             "met",
             "× bare loop",
             "× ConsumerPerf",
+            "× before",
             "note",
         ]
         rows = [
@@ -135,6 +144,7 @@ class BenchResult:
                 {True: "yes", False: "NO", None: ""}[f.met],
                 _fmt(f.vs_bare, ratio=True),
                 _fmt(f.vs_perf, ratio=True),
+                _fmt(f.vs_before, ratio=True),
                 f.note,
             ]
             for f in self.figures

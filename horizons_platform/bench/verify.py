@@ -13,7 +13,7 @@ from horizons_platform.bench.workload import Ledger
 from horizons_platform.services.audit import verify_store
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 
 # (table, SQL counting rows, SQL counting distinct identities): a difference is a double.
 _COUNTS = {

@@ -19,7 +19,7 @@ from horizons_platform.defs.resources import (
     KafkaPublisher,
 )
 from horizons_platform.services.audit import verify_store
-from horizons_platform.services.compliance import build_report, run_retention, save_report
+from horizons_platform.services.compliance import generate_report, run_retention
 
 COMPLIANCE_GROUP = "compliance"
 REPORT_FIELDS = ("total_events", "jobs_covered", "retention_status", "retention_compliant")
@@ -130,10 +130,7 @@ def audit_records_well_formed(duckdb: DuckDBStore) -> dg.AssetCheckResult:
 def compliance_report(
     context: dg.AssetExecutionContext, duckdb: DuckDBStore, settings: HorizonsSettings
 ) -> dg.MaterializeResult:
-    store = duckdb.get()
-    with store.transaction() as con:
-        report = build_report(con, settings.get().retention_days)
-        save_report(con, report)
+    report = generate_report(duckdb.get())
     context.log.info(
         "report %s: %s events, %s jobs, %s",
         report["report_id"],

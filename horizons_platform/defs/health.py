@@ -24,7 +24,7 @@ from horizons_platform.defs.resources import (
 from horizons_platform.runtime.monitor import apply_evaluations, collect_snapshot, lag_signal_rows
 from horizons_platform.services import health_rules as rules
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 
 HEALTH_GROUP = "health"
 SENSOR_INTERVAL_S = 15

@@ -21,7 +21,7 @@ from duckdb import DuckDBPyConnection
 from horizons_platform import events as ev
 from horizons_platform.defs.resources import DuckDBStore, HorizonsSettings
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.base import StoreBase
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _default_instance(settings: Settings) -> dg.DagsterInstance | None:
 def materialization_reporter(
     settings: Settings,
     instance_factory: Callable[[], dg.DagsterInstance | None] | None = None,
-) -> Callable[[threading.Event], None]:
+) -> Callable[[threading.Event, StoreBase], None]:
     """A consumer-host background hook: report fed-table materializations to Dagster.
 
     Every ``materialization_interval_s`` it reads the tables' stats in one short read
@@ -167,8 +167,7 @@ def materialization_reporter(
     """
     factory = instance_factory or (lambda: _default_instance(settings))
 
-    def report_materializations(stop: threading.Event) -> None:
-        store = Store(settings)
+    def report_materializations(stop: threading.Event, store: StoreBase) -> None:
         instance: dg.DagsterInstance | None = None
         last: dict[str, tuple[Any, ...]] = {}
         warned = False

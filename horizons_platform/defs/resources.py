@@ -4,9 +4,9 @@ Three of them, so a run's config page shows what it talks to:
 
 * ``settings`` — the platform :class:`~horizons_platform.settings.Settings` (``HORIZONS_*``
   variables, optionally overridden per deployment or per test);
-* ``duckdb`` — the platform's one DuckDB connector (:class:`Store`): open, short
-  transaction, close, retrying on the file lock. Nothing here keeps a connection open,
-  because the consumer host, the daemon's sensors and runs all share the one file;
+* ``duckdb`` — the store's client (:class:`Store`): over Quack to the consumer host that
+  owns the DuckDB file, or the file itself when no host runs. Queries run on the owner
+  beside the consumers and never stall them;
 * ``kafka`` — the idempotent publisher (alerts, audit records, validation traffic).
 """
 
@@ -19,10 +19,10 @@ from pydantic import Field, PrivateAttr
 
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 
-# Runs that write the DuckDB file take a slot of this pool; dagster.yaml limits it to one
-# (run granularity), so such runs never queue behind each other on the file lock.
+# Runs that write the store take a slot of this pool; dagster.yaml limits it to one (run
+# granularity), so two retention or rollup runs never overlap.
 DUCKDB_POOL = "duckdb"
 
 

@@ -27,7 +27,7 @@ from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import Settings
 from horizons_platform.simulate import plan, run_simulation
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 
 T = TypeVar("T")
 OWNER = "validation@observatory.example"

@@ -25,13 +25,12 @@ from horizons_platform.services.audit import safe_text
 from horizons_platform.services.base import Handler, Output, Record, Rows, now
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
-from horizons_platform.store.connection import Store, StoreLockTimeout
+from horizons_platform.store.base import StoreBase
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_BROKER_LOST = 3
-EXIT_STORE_FAILED = 4
 
 SIGNAL_INTERVAL_S = 1.0
 DLQ_MAX_VALUE_BYTES = 512 * 1024
@@ -71,7 +70,7 @@ class ConsumerLoop:
         self,
         handler: Handler,
         settings: Settings,
-        store: Store,
+        store: StoreBase,
         *,
         publisher: Publisher | None = None,
         stop_event: threading.Event | None = None,
@@ -130,10 +129,6 @@ class ConsumerLoop:
                     code = EXIT_BROKER_LOST
                     break
                 self._maybe_flush_signals()
-                self.store.yield_if_wanted()
-        except StoreLockTimeout:
-            log.exception("%s: DuckDB stayed locked; stopping without losing anything", self.group)
-            code = EXIT_STORE_FAILED
         finally:
             self._close(code)
         return code
@@ -226,8 +221,6 @@ class ConsumerLoop:
         outputs, dead = self._handle(records)
         try:
             self._write(records, outputs, dead)
-        except StoreLockTimeout:
-            raise
         except Exception:
             # One record's rows broke the batch (e.g. a constraint): find it, one by one.
             log.exception("%s: batch write failed; isolating the bad record", self.group)
@@ -292,7 +285,8 @@ class ConsumerLoop:
             next_offsets[(r.topic, r.partition)] = r.offset + 1
         self._send_dead_letters(dead)
         signals = self._take_signals()
-        with self.store.transaction() as con:
+
+        def write(con: Any) -> Rows:
             # Fencing: a member that lost its partitions without noticing (a zombie after
             # a session timeout) may hold a batch another member already stored. Anything
             # below the stored offsets is dropped here, for every table at once.
@@ -316,6 +310,10 @@ class ConsumerLoop:
                 self.group,
                 {tp: max(o, stored.get(tp, 0)) for tp, o in next_offsets.items()},
             )
+            return rows
+
+        # Groups commit side by side (MVCC); a write-write conflict retries the batch.
+        rows = self.store.write(write)
         self._commit_to_kafka(next_offsets)
         self.handler.after_commit(rows)
 
@@ -328,8 +326,6 @@ class ConsumerLoop:
             letters = [dead_by_record[id(record)]] if id(record) in dead_by_record else []
             try:
                 self._write([record], {0: out}, letters)
-            except StoreLockTimeout:
-                raise
             except Exception as exc:
                 self.stats.errors += 1
                 self.stats.dead_letters += 1

@@ -26,12 +26,14 @@ from horizons_platform.services import health_rules as rules
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
-from horizons_platform.store.connection import Store
+from horizons_platform.store.base import StoreBase
 
 log = logging.getLogger(__name__)
 
 
-def collect_snapshot(settings: Settings, store: Store) -> tuple[rules.Snapshot, list[PartitionLag]]:
+def collect_snapshot(
+    settings: Settings, store: StoreBase
+) -> tuple[rules.Snapshot, list[PartitionLag]]:
     snap = rules.Snapshot()
     lags: list[PartitionLag] = []
     try:
@@ -90,7 +92,7 @@ def lag_signal_rows(snap: rules.Snapshot, lags: list[PartitionLag]) -> list[dict
 
 def apply_evaluations(
     settings: Settings,
-    store: Store,
+    store: StoreBase,
     publisher: Publisher | None,
     evaluations: list[rules.Evaluation],
     *,
@@ -219,7 +221,9 @@ def _audit(
     )
 
 
-def check_once(settings: Settings, store: Store, publisher: Publisher | None) -> rules.Transitions:
+def check_once(
+    settings: Settings, store: StoreBase, publisher: Publisher | None
+) -> rules.Transitions:
     snap, lags = collect_snapshot(settings, store)
     evaluations = rules.evaluate(snap, rules.Thresholds.from_settings(settings))
     return apply_evaluations(
@@ -231,7 +235,11 @@ class HealthMonitor:
     """Runs ``check_once`` every ``health_interval_s`` inside the consumer host."""
 
     def __init__(
-        self, settings: Settings, store: Store, publisher: Publisher, stop_event: threading.Event
+        self,
+        settings: Settings,
+        store: StoreBase,
+        publisher: Publisher,
+        stop_event: threading.Event,
     ) -> None:
         self.settings = settings
         self.store = store

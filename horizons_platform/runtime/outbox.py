@@ -19,7 +19,7 @@ from email.utils import format_datetime
 import pyarrow as pa
 
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.base import StoreBase
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def backoff(settings: Settings, attempts: int) -> float:
 
 
 class OutboxDispatcher:
-    def __init__(self, settings: Settings, store: Store, stop_event: threading.Event) -> None:
+    def __init__(self, settings: Settings, store: StoreBase, stop_event: threading.Event) -> None:
         self.settings = settings
         self.store = store
         self.stop_event = stop_event

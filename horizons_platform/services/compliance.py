@@ -16,7 +16,7 @@ import duckdb
 
 from horizons_platform.services.audit import verify_store
 from horizons_platform.store import tables
-from horizons_platform.store.connection import Store
+from horizons_platform.store.base import StoreBase
 
 
 def _ranges(seqs: list[int]) -> list[list[int]]:
@@ -105,12 +105,18 @@ def save_report(con: duckdb.DuckDBPyConnection, report: dict[str, Any]) -> None:
     tables.insert(con, "compliance_reports", [row])
 
 
-def latest_report(store: Store, generate: bool = False) -> dict[str, Any] | None:
+def generate_report(store: StoreBase) -> dict[str, Any]:
+    """Build the report from one read-only snapshot (the chain check scans the whole
+    trail: never inside a write transaction), then save it in a short one."""
+    with store.snapshot() as con:
+        report = build_report(con, store.settings.retention_days)
+    store.write(lambda con: save_report(con, report))
+    return report
+
+
+def latest_report(store: StoreBase, generate: bool = False) -> dict[str, Any] | None:
     if generate:
-        with store.transaction() as con:
-            report = build_report(con, store.settings.retention_days)
-            save_report(con, report)
-        return report
+        return generate_report(store)
     store.ensure_schema()
     columns, rows = store.query(
         "SELECT * EXCLUDE (report) FROM compliance_reports ORDER BY generated_at DESC LIMIT 1"

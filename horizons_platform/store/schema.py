@@ -188,10 +188,14 @@ MIGRATIONS: list[tuple[int, str]] = [
 
 def migrate(con: duckdb.DuckDBPyConnection) -> int:
     """Apply pending migrations; returns the schema version afterwards."""
+    # No function defaults anywhere (applied_at is set explicitly): a column with
+    # DEFAULT now() makes a Quack 1.5.5 client's ATTACH fail with 'Catalog "…" does not
+    # exist' (docs/decisions.md). Files made before that lose the default here.
     con.execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations "
-        "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ DEFAULT now())"
+        "(version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)"
     )
+    con.execute("ALTER TABLE schema_migrations ALTER COLUMN applied_at DROP DEFAULT")
     current = int(
         con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall()[0][0]
     )
@@ -200,7 +204,9 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
             continue
         con.execute("BEGIN TRANSACTION")
         con.execute(sql)
-        con.execute("INSERT INTO schema_migrations (version) VALUES (?)", [version])
+        con.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?, now())", [version]
+        )
         con.execute("COMMIT")
         current = version
     return current

@@ -36,9 +36,13 @@ def insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[dict[str, 
     """Insert ``rows`` (all with the same keys); existing keys are skipped."""
     if not rows:
         return 0
+    conflict = " ON CONFLICT DO NOTHING" if TABLE_KEYS.get(table) else ""
+    if hasattr(con, "insert_rows"):  # a client of the owner: no Arrow over Quack 1.5.5
+        columns = list(rows[0])
+        con.insert_rows(table, columns, [[r[c] for c in columns] for r in rows], conflict)
+        return len(rows)
     arrow = pa.Table.from_pylist(list(rows))
     cols = ", ".join(_q(c) for c in arrow.column_names)
-    conflict = " ON CONFLICT DO NOTHING" if TABLE_KEYS.get(table) else ""
     con.register("_horizons_batch", arrow)
     try:
         con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _horizons_batch{conflict}")

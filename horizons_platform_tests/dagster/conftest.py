@@ -24,7 +24,7 @@ from horizons_platform.kafka.producer import Publisher
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.simulate import JobPlan, plan, run_simulation
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.conftest import make_settings
 from horizons_platform_tests.support import SmtpSink, wait_for
 

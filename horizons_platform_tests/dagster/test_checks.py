@@ -10,7 +10,7 @@ import dagster as dg
 
 from horizons_platform.defs import compliance, ingest
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.dagster.conftest import (
     Populated,
     check_results,

@@ -16,7 +16,7 @@ from horizons_platform.kafka.producer import Publisher
 from horizons_platform.services.audit import verify_store
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.dagster.conftest import Populated, check_results, execute, run_job
 from horizons_platform_tests.dagster.test_checks import evaluate
 from horizons_platform_tests.support import read_topic, wait_for

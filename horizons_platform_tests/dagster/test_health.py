@@ -14,7 +14,7 @@ from horizons_platform.kafka.producer import Publisher
 from horizons_platform.services import health_rules as rules
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.dagster.conftest import (
     caught_up,
     check_results,

@@ -10,7 +10,7 @@ from horizons_platform.defs.ingest import FED_TABLES, materialization_reporter
 from horizons_platform.host import Host
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.support import wait_for
 
 OWNER = "jocelyn@observatory.example"

@@ -12,7 +12,7 @@ import pytest
 
 from horizons_platform.defs import metrics
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.dagster.conftest import Populated, check_results, execute, run_job
 from horizons_platform_tests.dagster.test_checks import evaluate
 

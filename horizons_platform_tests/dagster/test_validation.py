@@ -7,7 +7,7 @@ import dagster as dg
 
 from horizons_platform.host import Host
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.dagster.conftest import run_job
 from horizons_platform_tests.support import SmtpSink
 

@@ -30,7 +30,7 @@ def test_repeated_sigkill_of_the_host_loses_and_doubles_nothing(
     _judge(kills.run(bench, sink, kills=3))
 
 
-def test_a_reader_holding_duckdb_delays_ingest_but_loses_nothing(
+def test_a_client_holding_a_snapshot_never_stalls_ingest(
     bench: BenchContext, sink: SmtpSink
 ) -> None:
     _judge(dblock.run(bench, sink, hold_s=10.0))

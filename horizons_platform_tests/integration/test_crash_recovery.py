@@ -15,7 +15,7 @@ from horizons_platform.services.audit import verify_store
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.simulate import plan, run_simulation
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.support import SmtpSink, end_offsets, start_consumer, wait_for
 
 KILLS = 6

@@ -8,7 +8,7 @@ from collections import defaultdict
 from horizons_platform.host import Host
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
 from horizons_platform_tests.support import SmtpSink, read_topic, wait_for
 
 OWNER = "vera@observatory.example"

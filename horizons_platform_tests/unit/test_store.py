@@ -1,4 +1,5 @@
-"""The DuckDB connector on a real file: migrations, idempotent inserts, lock waiting."""
+"""The store client on a real file (no owner running): migrations, idempotent inserts,
+waiting for a file another process holds."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import pytest
 
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
-from horizons_platform.store.connection import Store, StoreLockTimeout
+from horizons_platform.store.base import StoreUnavailable
+from horizons_platform.store.client import Store
 from horizons_platform.store.schema import MIGRATIONS
 
 HOLD = """
@@ -97,7 +99,7 @@ def test_a_failed_transaction_leaves_nothing(tmp_path: Path) -> None:
     assert store.scalar("SELECT count(*) FROM consumer_offsets") == 0
 
 
-def test_writer_waits_for_another_process_holding_the_file(tmp_path: Path) -> None:
+def test_client_waits_for_a_process_holding_the_file(tmp_path: Path) -> None:
     store = _store(tmp_path)
     holder = _hold_lock(store.path, 1.5)
     started = time.monotonic()
@@ -105,16 +107,22 @@ def test_writer_waits_for_another_process_holding_the_file(tmp_path: Path) -> No
         tables.save_offsets(con, "g", {("t", 0): 1})
     waited = time.monotonic() - started
     holder.wait(10)
-    assert waited >= 0.5, "it did not actually wait for the lock"
+    assert waited >= 0.5, "it did not actually wait for the file"
     assert store.scalar("SELECT next_offset FROM consumer_offsets") == 1
 
 
-def test_lock_deadline_ends_in_a_clear_error(tmp_path: Path) -> None:
-    store = _store(tmp_path, lock_deadline_s=0.5)
+def test_a_holder_that_does_not_serve_ends_in_a_clear_error(tmp_path: Path) -> None:
+    store = _store(tmp_path, store_connect_timeout_s=0.5)
     holder = _hold_lock(store.path, 5)
     try:
-        with pytest.raises(StoreLockTimeout, match="stayed locked by process"):
+        with pytest.raises(StoreUnavailable, match=rf"held by process {holder.pid}.*no live owner"):
             store.query("SELECT 1")
     finally:
         holder.kill()
         holder.wait(10)
+
+
+def test_reading_a_missing_store_says_how_to_create_it(tmp_path: Path) -> None:
+    store = Store(Settings(var_dir=tmp_path))
+    with pytest.raises(FileNotFoundError, match="horizons consume"):
+        store.query("SELECT 1")

@@ -1,5 +1,9 @@
-"""A long-running reader holds the DuckDB file: ingest must wait (Kafka is the buffer),
-lag must rise, nothing may be lost, and the consumers must catch up once it lets go."""
+"""A client holds a read snapshot of the store open for a long time (an analyst's session
+or a backup): ingest must carry on beside it (the owner serves the snapshot under MVCC),
+the snapshot must stay consistent, and nothing may be lost.
+
+Before the store had one owner this held the file lock and ingest stopped; the name of
+the scenario stays for continuity with older bench results."""
 
 from __future__ import annotations
 
@@ -9,7 +13,9 @@ from horizons_platform.bench.faults.common import Check, FaultOutcome, FaultRun
 from horizons_platform.bench.harness import BenchContext
 from horizons_platform.bench.runner import all_caught_up, watch
 from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.store.connection import Store
+from horizons_platform.store.client import Store
+
+COUNT = "SELECT count(*) FROM audit_log"
 
 
 def run(
@@ -19,18 +25,21 @@ def run(
     try:
         host = fault.host()
         fault.stream(events=int(rate * (hold_s + 10)), rate=rate, seed=seed)
-        time.sleep(3)
+        time.sleep(3)  # into the stream before the snapshot opens (a moment, not a sync)
+        store = Store(fault.settings)
         before = fault.probe.snapshot()
-        with Store(fault.settings).reader() as con:
-            locked_at = time.monotonic()
-            ctx.progress.say(f"dblock: holding {fault.settings.database.name} for {hold_s:.0f} s")
-            con.execute("SELECT count(*) FROM audit_log").fetchall()
-            time.sleep(hold_s)  # the "long-running query"
+        with store.snapshot() as con:
+            opened_at = time.monotonic()
+            ctx.progress.say(f"dblock: a client holds a snapshot for {hold_s:.0f} s")
+            first = con.execute(COUNT).fetchall()[0][0]
+            time.sleep(hold_s)  # the long-running session
+            last = con.execute(COUNT).fetchall()[0][0]
             during = fault.probe.snapshot()
-        released_at = time.monotonic()
+        held_s = time.monotonic() - opened_at
+        live = store.scalar(COUNT)
         alive = host.alive
         fault.wait_traffic()
-        timeline = watch(
+        watch(
             fault.probe,
             host,
             until=all_caught_up(fault.groups),
@@ -38,32 +47,37 @@ def run(
             progress=ctx.progress,
             label="dblock: catching up",
         )
-        caught_up_s = timeline.samples[-1].t - (released_at - timeline.t0)
         verification = fault.finish()
     finally:
         fault.stop_all()
     lag_before = sum(s.lag for s in before.values())
     lag_during = sum(s.lag for s in during.values())
+    done_before = sum(s.done for s in before.values())
+    done_during = sum(s.done for s in during.values())
+    # A second of traffic per group is the most lag an unstalled host builds up.
+    allowed = lag_before + int(rate * len(fault.groups))
     return fault.outcome(
-        f"DuckDB held by a reader for {hold_s:.0f} s",
+        f"a client held a read snapshot for {hold_s:.0f} s",
         verification,
         [
             Check(
-                "lag rose while the file was held",
-                lag_during > lag_before,
-                f"{lag_before} → {lag_during} messages",
+                "ingest kept committing while the snapshot was open",
+                done_during > done_before and lag_during <= allowed,
+                f"committed {done_before:,} → {done_during:,}; lag {lag_before} → "
+                f"{lag_during} (allowed ≤ {allowed})",
             ),
-            Check("host kept running (waited on the lock)", alive),
             Check(
-                "caught up within 2 min of the release",
-                caught_up_s < 120,
-                f"{max(0.0, caught_up_s):.1f} s",
+                "the snapshot stayed consistent while rows arrived",
+                first == last and (live or 0) > last,
+                f"{first} = {last} inside it, {live} outside afterwards",
             ),
+            Check("host kept running", alive),
         ],
         {
-            "held_s": round(released_at - locked_at, 1),
+            "held_s": round(held_s, 1),
             "lag_before": lag_before,
             "lag_during": lag_during,
-            "catch_up_s": round(max(0.0, caught_up_s), 1),
+            "snapshot_rows": last,
+            "rows_after": live,
         },
     )

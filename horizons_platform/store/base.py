@@ -1,0 +1,91 @@
+"""What every side of the store offers: short transactions, reads, and their errors.
+
+:class:`~horizons_platform.store.owner.StoreOwner` (the consumer host, which holds the
+DuckDB file) and :class:`~horizons_platform.store.client.Store` (everyone else, over
+Quack or the file) both implement it, so services and Dagster code take either.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, suppress
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+
+from horizons_platform.settings import Settings
+
+T = TypeVar("T")
+CONFLICT_RETRIES = 8
+
+
+class StoreUnavailable(RuntimeError):
+    """Neither a live owner nor the DuckDB file could be reached in time."""
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """A write-write conflict between two concurrent transactions (MVCC): retry it."""
+    return isinstance(exc, duckdb.TransactionException) or "conflict" in str(exc).lower()
+
+
+class StoreBase(ABC):
+    settings: Settings
+    path: Path
+
+    @abstractmethod
+    def reader(self) -> AbstractContextManager[Any]:
+        """A cursor for reads; each statement sees a consistent snapshot."""
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A cursor inside BEGIN … COMMIT (ROLLBACK when the block raises)."""
+
+    def ensure_schema(self) -> None:  # noqa: B027 — the owner migrates; clients may not
+        """Create or migrate the tables if this side may (a no-op otherwise)."""
+
+    def write(self, work: Callable[[Any], T]) -> T:
+        """Run ``work(cursor)`` in a transaction; retry it when a concurrent writer
+        conflicted on the same rows (the other side committed first)."""
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                with self.transaction() as con:
+                    return work(con)
+            except duckdb.Error as exc:
+                if attempt == CONFLICT_RETRIES or not is_conflict(exc):
+                    raise
+                time.sleep(min(0.5, 0.005 * 2**attempt) * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Any]:
+        """A read-only transaction: every statement sees the same snapshot of the store,
+        writes are refused, and writers carry on beside it (MVCC)."""
+        with self.reader() as con:
+            con.execute("BEGIN TRANSACTION READ ONLY")
+            try:
+                yield con
+            except BaseException:
+                with suppress(duckdb.Error):
+                    con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def query(self, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
+        with self.reader() as con:
+            cur = con.execute(sql, params or [])
+            columns = [d[0] for d in cur.description] if cur.description else []
+            return columns, cur.fetchall()
+
+    def scalar(self, sql: str, params: list[Any] | None = None) -> Any:
+        _, rows = self.query(sql, params)
+        return rows[0][0] if rows else None
+
+
+def stream(cursor: Any, batch: int = 10_000) -> Iterator[tuple]:
+    """The rows of an executed cursor, ``batch`` at a time (never all in memory)."""
+    while rows := cursor.fetchmany(batch):
+        yield from rows

@@ -1,0 +1,209 @@
+"""The store's owner: the one process that holds the DuckDB file and serves everyone else.
+
+The consumer host opens the file once. Each of its threads (a consumer group, the
+outbox, the monitor) gets its own cursor, so their transactions run side by side
+under DuckDB's MVCC — no process-wide lock in front of the connection. Every other
+process reaches the same database through DuckDB's Quack protocol on
+``127.0.0.1:HORIZONS_STORE_PORT``, authenticated by a random token written to
+``var/store.json`` (0600).
+
+A second owner on the same file is a hot standby: DuckDB refuses it the file, so it
+waits, and takes over the moment the first owner's process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from horizons_platform.settings import Settings
+from horizons_platform.store.base import StoreBase, StoreUnavailable
+from horizons_platform.store.endpoint import OwnerInfo, read_owner, remove_owner, write_owner
+from horizons_platform.store.extensions import load_extensions
+from horizons_platform.store.schema import migrate
+
+log = logging.getLogger(__name__)
+
+STANDBY_POLL_S = 0.25
+# Owners open in this process, by database file: a client in the owner's own process
+# uses the owner's cursors instead of a Quack round trip to itself (which Quack 1.5.5
+# also handles badly: a second in-process client can hang while attaching).
+_LOCAL_OWNERS: dict[Path, StoreOwner] = {}
+
+
+def local_owner(path: Path) -> StoreOwner | None:
+    return _LOCAL_OWNERS.get(path.resolve())
+
+
+def lock_holder(exc: BaseException) -> int | None:
+    """The pid DuckDB names in a "Could not set lock" error, if any."""
+    if "lock" not in str(exc).lower():
+        return None
+    match = re.search(r"PID (\d+)", str(exc))
+    return int(match.group(1)) if match else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class StoreOwner(StoreBase):
+    def __init__(self, settings: Settings, *, serve: bool = True) -> None:
+        self.settings = settings
+        self.path = Path(settings.database)
+        self.serve = serve
+        self.info: OwnerInfo | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._local = threading.local()
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
+        self._cursors_lock = threading.Lock()
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    def open(
+        self,
+        stop: threading.Event | None = None,
+        on_standby: Callable[[str], None] | None = None,
+    ) -> bool:
+        """Take the file (waiting as a standby while another process holds it), migrate,
+        serve Quack. False when ``stop`` was set before the file became free."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if local_owner(self.path) is not None:
+            # DuckDB would hand this process the file twice; one owner per file, always.
+            raise StoreUnavailable(
+                f"{self.path} is already owned by a host in this process; run every "
+                "service of one store in one host (--service is repeatable)"
+            )
+        waiting_since: float | None = None
+        while True:
+            try:
+                con = duckdb.connect(str(self.path))
+                break
+            except duckdb.IOException as exc:
+                holder = lock_holder(exc)
+                if holder is None:
+                    raise
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    owner = read_owner(self.settings)
+                    who = (
+                        f"pid {owner.pid} (serving on 127.0.0.1:{owner.port})"
+                        if owner
+                        else f"pid {holder or '?'}"
+                    )
+                    message = (
+                        f"standby: {self.path} is held by {who}; waiting to take over when it stops"
+                    )
+                    log.warning(message)
+                    if on_standby:
+                        on_standby(message)
+                if stop is not None and stop.wait(STANDBY_POLL_S):
+                    return False
+                if stop is None:
+                    time.sleep(STANDBY_POLL_S)
+        if waiting_since is not None:
+            log.warning(
+                "took over the store %s after %.1fs as standby",
+                self.path,
+                time.monotonic() - waiting_since,
+            )
+        self._con = con
+        try:
+            threads = self.settings.store_threads or max(1, (os.cpu_count() or 2) - 1)
+            con.execute(f"SET threads = {int(threads)}")
+            load_extensions(con)
+            migrate(con)
+            if self.serve:
+                self._serve(con)
+        except BaseException:
+            self.close()
+            raise
+        _LOCAL_OWNERS[self.path.resolve()] = self
+        return True
+
+    def _serve(self, con: duckdb.DuckDBPyConnection) -> None:
+        port = self.settings.store_port or free_port()
+        token = secrets.token_urlsafe(24)
+        try:
+            con.execute(f"CALL quack_serve('quack:127.0.0.1:{port}', token := '{token}')")
+        except duckdb.Error as exc:
+            raise StoreUnavailable(
+                f"cannot serve the store on 127.0.0.1:{port} ({exc}); is another program "
+                "using the port? Set HORIZONS_STORE_PORT"
+            ) from exc
+        self.info = OwnerInfo.new(self.settings, port, token)
+        write_owner(self.settings, self.info)
+        log.info("serving %s to clients on quack:127.0.0.1:%d", self.path, port)
+
+    def close(self) -> None:
+        if self._con is None:
+            return
+        if _LOCAL_OWNERS.get(self.path.resolve()) is self:
+            del _LOCAL_OWNERS[self.path.resolve()]
+        if self.info is not None:
+            remove_owner(self.settings)
+            with suppress(duckdb.Error):
+                self._con.execute(f"CALL quack_stop('{self.info.uri}')")
+        with self._cursors_lock:
+            for cur in self._cursors:
+                with suppress(duckdb.Error):
+                    cur.close()
+            self._cursors.clear()
+        with suppress(duckdb.Error):
+            self._con.close()
+        self._con = None
+
+    # --- access ---------------------------------------------------------------------------
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """This thread's cursor (created on first use): one per thread, never shared."""
+        cur = getattr(self._local, "cursor", None)
+        if cur is None:
+            if self._con is None:
+                raise StoreUnavailable("the store is not open")
+            cur = self._con.cursor()
+            with self._cursors_lock:
+                self._cursors.append(cur)
+            self._local.cursor = cur
+        return cur
+
+    @contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        yield self.cursor()
+
+    @contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        cur = self.cursor()
+        cur.execute("BEGIN TRANSACTION")
+        try:
+            yield cur
+        except BaseException:
+            with suppress(duckdb.Error):
+                cur.execute("ROLLBACK")
+            raise
+        try:
+            cur.execute("COMMIT")
+        except BaseException:  # a conflict found at commit leaves the transaction aborted
+            with suppress(duckdb.Error):
+                cur.execute("ROLLBACK")
+            raise
+
+    def clients(self) -> list[dict[str, Any]]:
+        """The Quack connections open right now."""
+        cur = self.cursor()
+        result = cur.execute("SELECT * FROM quack_active_connections()")
+        columns = [d[0] for d in result.description or []]
+        return [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
