@@ -15,6 +15,7 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     ConfigDict,
+    EmailStr,
     Field,
     TypeAdapter,
     ValidationError,
@@ -48,34 +49,39 @@ class _Open(BaseModel):
 # --- payloads -------------------------------------------------------------------------
 
 
+# The job owner's e-mail address, validated where the event enters (email-validator):
+# CR/LF, a second address or a display name never get as far as an e-mail header.
+Owner = EmailStr
+
+
 class JobSubmittedPayload(_Open):
-    owner: str  # e-mail address of the job owner
+    owner: Owner
     job_type: str
     priority: int = 0
     params: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobStartedPayload(_Open):
-    owner: str
+    owner: Owner
     job_type: str
     worker: str
 
 
 class JobCompletedPayload(_Open):
-    owner: str
+    owner: Owner
     job_type: str
     output_bytes: int = Field(default=0, ge=0)
 
 
 class JobFailedPayload(_Open):
-    owner: str
+    owner: Owner
     job_type: str
     error: str
     exit_code: int | None = None
 
 
 class JobCancelledPayload(_Open):
-    owner: str
+    owner: Owner
     job_type: str
     reason: str = ""
     cancelled_by: str = ""

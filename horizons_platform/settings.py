@@ -10,7 +10,7 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # The consumer groups of the contract, in the order the host starts them.
@@ -72,8 +72,12 @@ class Settings(BaseSettings):
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 8025
     smtp_starttls: bool = False
+    smtp_ssl: bool = False  # SMTPS: TLS from the first byte (usually port 465)
+    smtp_ca_file: Path | None = None  # trust this CA too (a private relay's certificate)
     smtp_username: str | None = None
-    smtp_password: str | None = None
+    smtp_password: SecretStr | None = None
+    # login() sends the password; without TLS anyone on the path can read it.
+    smtp_allow_plaintext_auth: bool = False
     smtp_from: str = "horizons@localhost"
     smtp_timeout_s: float = 5.0
     # 10 attempts, 1 s doubling to 60 s: rides out ~4 minutes of SMTP outage.
@@ -81,6 +85,8 @@ class Settings(BaseSettings):
     smtp_backoff_initial_s: float = 1.0
     smtp_backoff_max_s: float = 60.0
     notify_on_submit: bool = False
+    smtp_connections: int = 4  # SMTP sessions the outbox sends over side by side
+    outbox_batch: int = 100  # notifications claimed per round (at risk of a resend in a crash)
 
     # --- metrics service --------------------------------------------------------------
     metrics_window_jobs: int = 10_000

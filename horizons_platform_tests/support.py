@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 from confluent_kafka import Consumer, TopicPartition
 
 from horizons_platform.kafka.admin import watermarks
@@ -67,18 +69,41 @@ class SmtpSink:
     port: int = field(default_factory=free_port)
     messages: list[Message] = field(default_factory=list)
     received_at: list[float] = field(default_factory=list)
+    recipients: list[str] = field(default_factory=list)  # every RCPT TO of every message
+    # address → SMTP reply for RCPT TO (e.g. "550 no such user"); None accepts it.
+    rcpt_policy: Callable[[str], str | None] | None = None
+    tls_context: ssl.SSLContext | None = None  # offer STARTTLS with this certificate
+    auth: bool = False  # accept AUTH PLAIN/LOGIN (any password), also without TLS
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _controller: Controller | None = None
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        reply = self.rcpt_policy(address) if self.rcpt_policy else None
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         msg = message_from_bytes(envelope.content)
         with self._lock:
             self.messages.append(msg)
             self.received_at.append(time.time())
+            self.recipients.extend(envelope.rcpt_tos)
         return "250 OK"
 
     def start(self) -> SmtpSink:
-        self._controller = Controller(self, hostname=self.host, port=self.port)
+        extra: dict[str, Any] = {}
+        if self.tls_context is not None:
+            extra["tls_context"] = self.tls_context
+        if self.auth:
+            extra.update(
+                authenticator=lambda *args: AuthResult(success=True),
+                auth_require_tls=False,
+            )
+        self._controller = Controller(self, hostname=self.host, port=self.port, **extra)
         self._controller.start()
         return self
 

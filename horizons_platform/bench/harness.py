@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from confluent_kafka.admin import AdminClient
+from pydantic import SecretStr
 
 from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
@@ -78,6 +79,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         value = getattr(settings, name)
         if value is None:
             continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
         env[f"HORIZONS_{name.upper()}"] = text
     return env

@@ -20,6 +20,7 @@ from duckdb import DuckDBPyConnection
 
 from horizons_platform import events as ev
 from horizons_platform.defs.resources import DuckDBStore, HorizonsSettings
+from horizons_platform.runtime.monitor import UNDELIVERED_SQL, stale_claim_s
 from horizons_platform.settings import Settings
 from horizons_platform.store.base import StoreBase
 
@@ -301,19 +302,26 @@ def terminal_jobs_notified(duckdb: DuckDBStore) -> dg.AssetCheckResult:
             f"SELECT count(*) FROM job_events WHERE event_type IN ({_TERMINAL})"
         ).fetchone()[0]  # type: ignore[index]
         sample = _sample(con, missing)
+        undelivered = con.execute(
+            UNDELIVERED_SQL.format(stale_s=stale_claim_s(duckdb.settings.get()))
+        ).fetchone()[0]  # type: ignore[index]
     failed = int(by_status.get("failed", 0))
-    ok = n_missing == 0 and failed == 0
+    stuck = int(undelivered) - failed
+    ok = n_missing == 0 and failed == 0 and stuck == 0
     problems = []
     if n_missing:
         problems.append(f"{n_missing} terminal events without a notification: {sample}")
     if failed:
         problems.append(f"{failed} notifications failed permanently (see notifications.error)")
+    if stuck:
+        problems.append(f"{stuck} notifications stuck in 'sending' (claimed, never finished)")
     return dg.AssetCheckResult(
         passed=ok,
         description="; ".join(problems) or None,
         metadata={
             "terminal_events": terminal,
             "missing_notifications": n_missing,
+            "stuck_sending": stuck,
             **{f"status_{k}": int(v) for k, v in by_status.items()},
         },
     )

@@ -31,6 +31,20 @@ from horizons_platform.store.base import StoreBase
 log = logging.getLogger(__name__)
 
 
+# Failed for good, or claimed and neither sent nor released for much longer than a send
+# can take: both need a person.
+UNDELIVERED_SQL = """
+    SELECT count(*) FROM notifications
+    WHERE status = 'failed'
+       OR (status = 'sending' AND claimed_at < now() - INTERVAL {stale_s} SECOND)
+"""
+
+
+def stale_claim_s(settings: Settings) -> int:
+    """A claim older than this was abandoned (the dispatcher re-claims after 2× less)."""
+    return int(max(60.0, 6 * settings.smtp_timeout_s))
+
+
 def collect_snapshot(
     settings: Settings, store: StoreBase
 ) -> tuple[rules.Snapshot, list[PartitionLag]]:
@@ -55,6 +69,9 @@ def collect_snapshot(
             """,
             [since],
         ).fetchall()
+        snap.notifications_undelivered = float(
+            con.execute(UNDELIVERED_SQL.format(stale_s=stale_claim_s(settings))).fetchall()[0][0]
+        )
     for group, metric, total in rows:
         if metric == "job_failed":
             snap.job_failures += total

@@ -17,9 +17,11 @@ HANDLER_ERROR_RATE = "handler_error_rate"
 DEAD_LETTER_RATE = "dead_letter_rate"
 BROKER_UNREACHABLE = "broker_unreachable"
 JOB_FAILURES = "job_failures"
+# Notifications failed for good, or claimed and never finished (a stuck sender).
+NOTIFICATIONS_UNDELIVERED = "notifications_undelivered"
 
 LAG_RULES = (CONSUMER_LAG_MESSAGES, CONSUMER_LAG_SECONDS)
-ERROR_RULES = (HANDLER_ERROR_RATE, DEAD_LETTER_RATE, JOB_FAILURES)
+ERROR_RULES = (HANDLER_ERROR_RATE, DEAD_LETTER_RATE, JOB_FAILURES, NOTIFICATIONS_UNDELIVERED)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Snapshot:
     lag_seconds: dict[str, float] = field(default_factory=dict)
     counts: dict[str, GroupCounts] = field(default_factory=dict)
     job_failures: float = 0
+    notifications_undelivered: float = 0
     broker_reachable: bool = True
 
 
@@ -140,6 +143,16 @@ def evaluate(
             th.job_failures,
             "warning",
             snap.job_failures > th.job_failures,
+        )
+    )
+    out.append(
+        Evaluation(
+            NOTIFICATIONS_UNDELIVERED,
+            "notifications",
+            snap.notifications_undelivered,
+            0.0,
+            "warning",
+            snap.notifications_undelivered > 0,
         )
     )
     if rules is not None:

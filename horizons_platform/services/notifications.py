@@ -36,10 +36,22 @@ def message_id(notification: str) -> str:
     return f"<{notification}@horizons.local>"
 
 
+HEADER_MAX = 200
+# Line breaks of any kind (CR, LF, NEL, LS, PS …) and other control characters.
+_UNSAFE_IN_HEADER = {c: " " for c in [*range(0x20), 0x7F, 0x85, 0x2028, 0x2029]}
+
+
+def header_safe(text: str, limit: int = HEADER_MAX) -> str:
+    """``text`` fit for an e-mail header: no control character can start a new header
+    line, and a producer's 1 MB job id cannot make a 1 MB subject."""
+    clean = " ".join(text.translate(_UNSAFE_IN_HEADER).split())
+    return clean if len(clean) <= limit else clean[: limit - 1] + "…"
+
+
 def render(event: Envelope, kind: str) -> tuple[str, str]:
     """Subject and body of the e-mail for one lifecycle event."""
     p: Any = event.payload  # type: ignore[attr-defined]
-    subject = f"[horizons] job {event.job_id} {kind}"
+    subject = header_safe(f"[horizons] job {event.job_id} {kind}")
     lines = [
         f"Your {p.job_type} job {event.job_id} {kind} at {event.occurred_at.isoformat()}.",
     ]
@@ -77,6 +89,7 @@ class NotificationHandler(Handler):
         subject, body = render(event, kind)
         created = now()
         return [
+            ("notification_queue", {"notification_id": nid, "next_attempt_at": created}),
             (
                 "notifications",
                 {

@@ -183,6 +183,23 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        2,
+        # The outbox's work list: one row per notification still to deliver (pending or
+        # being sent), deleted once it is sent or failed for good. The dispatcher claims
+        # from here, so a claim never scans every notification ever sent.
+        """
+        CREATE TABLE notification_queue (
+            notification_id VARCHAR PRIMARY KEY,
+            next_attempt_at TIMESTAMPTZ NOT NULL,
+            claimed_at TIMESTAMPTZ
+        );
+        INSERT INTO notification_queue
+        SELECT notification_id, coalesce(next_attempt_at, created_at),
+               CASE WHEN status = 'sending' THEN claimed_at END
+        FROM notifications WHERE status IN ('pending', 'sending');
+        """,
+    ),
 ]
 
 

@@ -22,6 +22,7 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "job_events": ("event_id",),
     "job_metrics": ("event_id",),
     "notifications": ("notification_id",),
+    "notification_queue": ("notification_id",),
     "health_alerts": ("alert_id",),
     "dead_letters": ("consumer_group", "topic", "partition", "offset"),
     "health_signals": (),

@@ -41,7 +41,13 @@ query Status($runId: ID!) {
 FAILURE_EVENTS = """
 query Events($runId: ID!) {
   logsForRun(runId: $runId) {
-    ... on EventConnection { events { __typename ... on MessageEvent { message } } }
+    ... on EventConnection {
+      events {
+        __typename
+        ... on MessageEvent { message }
+        ... on ExecutionStepFailureEvent { error { message } }
+      }
+    }
   }
 }
 """
@@ -105,7 +111,7 @@ def test_every_validation_job_launched_as_the_ui_does_succeeds_repeatedly(
         if status != "SUCCESS":
             events = _graphql(horizons_up.url, FAILURE_EVENTS, {"runId": run_id})
             messages = [
-                e.get("message", "")
+                (e.get("error") or {}).get("message") or e.get("message", "")
                 for e in events["logsForRun"]["events"]
                 if "Failure" in e["__typename"]
             ]

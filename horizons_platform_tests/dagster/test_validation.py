@@ -45,7 +45,7 @@ def test_validation_lifecycle_fails_clearly_without_consumers(
     failure = result.failure_data_for_node("validate_lifecycle")
     message = str(failure.user_failure_data.description)  # type: ignore[union-attr]
     assert "did not reach every consumer within 1s" in message
-    assert "metrics: job_events" in message and "notifications: e-mail" in message
+    assert "metrics: job_events" in message and "notifications: outbox" in message
 
 
 def test_validation_throughput_scenario_11(

@@ -13,6 +13,15 @@ from hypothesis import strategies as st
 from horizons_platform import events as ev
 
 _text = st.text(min_size=1, max_size=30)
+# Owners are e-mail addresses (validated on decode): one address, any ordinary shape.
+_email = st.builds(
+    "{}@{}.{}".format,
+    st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,15}[a-z0-9]", fullmatch=True).filter(
+        lambda u: ".." not in u
+    ),
+    st.from_regex(r"[a-z][a-z0-9-]{0,12}[a-z0-9]", fullmatch=True),
+    st.sampled_from(["org", "edu", "example", "observatory"]),
+)
 _json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), _text)
 _times = st.datetimes(
     min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
@@ -21,25 +30,25 @@ _times = st.datetimes(
 _payloads = {
     ev.JobSubmitted: st.fixed_dictionaries(
         {
-            "owner": _text,
+            "owner": _email,
             "job_type": _text,
             "priority": st.integers(0, 9),
             "params": st.dictionaries(_text, _json_scalar, max_size=3),
         }
     ),
-    ev.JobStarted: st.fixed_dictionaries({"owner": _text, "job_type": _text, "worker": _text}),
+    ev.JobStarted: st.fixed_dictionaries({"owner": _email, "job_type": _text, "worker": _text}),
     ev.JobCompleted: st.fixed_dictionaries(
-        {"owner": _text, "job_type": _text, "output_bytes": st.integers(0, 2**40)}
+        {"owner": _email, "job_type": _text, "output_bytes": st.integers(0, 2**40)}
     ),
     ev.JobFailed: st.fixed_dictionaries(
         {
-            "owner": _text,
+            "owner": _email,
             "job_type": _text,
             "error": _text,
             "exit_code": st.one_of(st.none(), st.integers(0, 255)),
         }
     ),
-    ev.JobCancelled: st.fixed_dictionaries({"owner": _text, "job_type": _text, "reason": _text}),
+    ev.JobCancelled: st.fixed_dictionaries({"owner": _email, "job_type": _text, "reason": _text}),
     ev.JobMetrics: st.fixed_dictionaries(
         {
             "job_type": _text,
@@ -92,7 +101,7 @@ def _valid() -> dict:
                 ev.JobCompleted,
                 producer="t",
                 job_id="j",
-                payload={"owner": "o@x", "job_type": "img"},
+                payload={"owner": "o@x.example", "job_type": "img"},
             )
         )
     )
@@ -143,7 +152,7 @@ def test_headers_repeat_type_and_schema_version() -> None:
         ev.JobStarted,
         producer="t",
         job_id="j",
-        payload={"owner": "o", "job_type": "t", "worker": "w"},
+        payload={"owner": "o@x.example", "job_type": "t", "worker": "w"},
     )
     assert dict(ev.headers_for(event)) == {"event_type": b"job.started", "schema_version": b"1"}
 

@@ -1,0 +1,263 @@
+"""Notifications against hostile input, refusing servers and TLS (issue: hostile input
+can't stop them). A real broker, real aiosmtpd servers on loopback, real DuckDB files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import ssl
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from horizons_platform import events as ev
+from horizons_platform.host import Host
+from horizons_platform.kafka.producer import Publisher
+from horizons_platform.runtime.outbox import OutboxDispatcher
+from horizons_platform.services.base import Record, Rows
+from horizons_platform.services.notifications import NotificationHandler
+from horizons_platform.services.orchestrator import JobOrchestratorService
+from horizons_platform.settings import Settings
+from horizons_platform.store.client import Store
+from horizons_platform.store.owner import StoreOwner
+from horizons_platform_tests.support import SmtpSink, wait_for
+
+HOSTILE_OWNER = "ops@example.org\r\nBcc: victim@evil.example"
+
+
+def _completed(orch: JobOrchestratorService, job_id: str, owner: str) -> None:
+    orch.submit_job(job_id, owner=owner, job_type="imaging")
+    orch.start_job(job_id)
+    orch.complete_job(job_id)
+
+
+def test_hostile_owners_and_job_ids_never_stop_or_misdirect_mail(
+    settings: Settings, host_factory: Callable[..., Host], smtp: SmtpSink
+) -> None:
+    host = host_factory(settings, ("notifications", "compliance-auditor"))
+    publisher = Publisher(settings)
+    # An owner with CR/LF and a second address: invalid, so dead-lettered where it enters.
+    bad = ev.new_event(
+        ev.JobCompleted,
+        producer="test",
+        job_id="hostile-owner",
+        payload={"owner": "ops@example.org", "job_type": "imaging"},
+    )
+    raw = json.loads(ev.encode(bad))
+    raw["payload"]["owner"] = HOSTILE_OWNER
+    publisher.send(settings.topic_job_lifecycle, json.dumps(raw).encode(), key=b"hostile-owner")
+    # A job id with a line break: a valid event, whose subject must stay one header line.
+    nl = ev.new_event(
+        ev.JobCompleted,
+        producer="test",
+        job_id="evil\r\nBcc: victim@evil.example",
+        payload={"owner": "nl@observatory.example", "job_type": "imaging"},
+    )
+    publisher.send(settings.topic_job_lifecycle, ev.encode(nl), key=b"evil")
+    orch = JobOrchestratorService(settings, publisher, wait=False)
+    owners = [f"owner-{i}@observatory.example" for i in range(20)]
+    for i, owner in enumerate(owners):
+        _completed(orch, f"valid-{i}", owner)
+    orch.flush()
+    expected = sorted([*owners, "nl@observatory.example"])
+
+    store = Store(settings)
+    wait_for(lambda: len(smtp.messages) >= len(expected), timeout=30, what="21 e-mails")
+    wait_for(
+        lambda: store.scalar("SELECT count(*) FROM notifications WHERE status <> 'sent'") == 0,
+        timeout=30,
+        what="every notification marked sent",
+    )
+    assert sorted(smtp.recipients) == expected  # each valid owner exactly once, nobody else
+    assert all(m["Bcc"] is None for m in smtp.messages)
+    subjects = [str(m["Subject"]) for m in smtp.messages]
+    assert "[horizons] job evil Bcc: victim@evil.example completed" in subjects
+    assert not any("\r" in s or "\n" in s for s in subjects)
+    # The hostile owner: dead-lettered with its reason by both groups, audited as invalid.
+    _, letters = store.query("SELECT consumer_group, error_message FROM dead_letters ORDER BY ALL")
+    assert [g for g, _ in letters] == ["compliance-auditor", "notifications"]
+    assert all("payload.owner" in m and "not a valid email" in m for _, m in letters)
+    assert (
+        store.scalar(
+            "SELECT count(*) FROM audit_log WHERE NOT valid AND validation_error LIKE '%owner%'"
+        )
+        == 1
+    )
+    assert store.scalar("SELECT count(*) FROM notifications WHERE job_id = 'hostile-owner'") == 0
+    # Nothing loops: every claim was delivered at the first attempt.
+    assert host.dispatcher is not None
+    assert host.dispatcher.failed_attempts == 0
+    assert store.scalar("SELECT max(attempts) FROM notifications") == 1
+
+
+def test_a_refused_recipient_fails_alone_and_a_deferred_one_is_retried(
+    settings: Settings, host_factory: Callable[..., Host]
+) -> None:
+    deferred: Counter[str] = Counter()
+
+    def policy(address: str) -> str | None:
+        if address.startswith("refused@"):
+            return "550 5.1.1 <refused@observatory.example>: no such user"
+        if address.startswith("flaky@"):
+            deferred[address] += 1
+            return "451 4.3.0 try again later" if deferred[address] == 1 else None
+        return None
+
+    sink = SmtpSink(rcpt_policy=policy).start()
+    try:
+        s = settings.model_copy(update={"smtp_port": sink.port})
+        host_factory(s, ("notifications",))
+        orch = JobOrchestratorService(s, wait=False)
+        owners = ["refused@observatory.example", "flaky@observatory.example"] + [
+            f"fine-{i}@observatory.example" for i in range(5)
+        ]
+        for i, owner in enumerate(owners):
+            _completed(orch, f"r-{i}", owner)
+        orch.flush()
+        store = Store(s)
+        wait_for(
+            lambda: (
+                store.scalar(
+                    "SELECT count(*) FROM notifications WHERE status IN ('sent', 'failed')"
+                )
+                == len(owners)
+            ),
+            timeout=60,
+            what="every notification sent or failed",
+        )
+        _, rows = store.query("SELECT recipient, status, attempts, error FROM notifications")
+        by_owner = {r[0]: r[1:] for r in rows}
+        status, attempts, error = by_owner["refused@observatory.example"]
+        assert status == "failed" and attempts == 1 and "550" in error
+        assert by_owner["flaky@observatory.example"][:2] == ("sent", 2)
+        assert all(by_owner[o][:2] == ("sent", 1) for o in owners[2:])
+        assert sorted(sink.recipients) == sorted(owners[1:])
+        assert store.scalar("SELECT count(*) FROM notification_queue") == 0
+    finally:
+        sink.stop()
+
+
+# --- transport security (the dispatcher against a real server, no broker needed) -------
+
+
+def _self_signed(tmp: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "smtp.crt", tmp / "smtp.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _queue_one(owner: StoreOwner, settings: Settings, job_id: str) -> None:
+    event = ev.new_event(
+        ev.JobCompleted,
+        producer="test",
+        job_id=job_id,
+        payload={"owner": "tls@observatory.example", "job_type": "imaging"},
+    )
+    record = Record("t", 0, 0, None, ev.encode(event), 0, event=event)
+    rows = Rows()
+    rows.extend(NotificationHandler(settings).handle(record))
+    with owner.transaction() as con:
+        NotificationHandler(settings).persist(con, rows)
+
+
+def _deliver(settings: Settings, owner: StoreOwner) -> tuple[str, str | None]:
+    """One round plus the write of its outcome; (status, error) of the one notification."""
+    dispatcher = OutboxDispatcher(settings, owner, threading.Event())
+    dispatcher.deliver_due()
+    dispatcher.flush()  # records the round's outcome
+    dispatcher.close()
+    return owner.query("SELECT status, error FROM notifications ORDER BY created_at DESC")[1][0]
+
+
+@pytest.fixture
+def tls_sink(tmp_path: Path):  # type: ignore[no-untyped-def]
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    sink = SmtpSink(tls_context=context).start()
+    yield sink, cert
+    sink.stop()
+
+
+def test_starttls_verifies_the_certificate_unless_its_ca_is_configured(
+    tmp_path: Path, tls_sink: tuple[SmtpSink, Path]
+) -> None:
+    sink, cert = tls_sink
+    base = Settings(
+        var_dir=tmp_path / "var", smtp_port=sink.port, smtp_starttls=True, smtp_backoff_initial_s=0
+    )
+    owner = StoreOwner(base, serve=False)
+    assert owner.open()
+    try:
+        _queue_one(owner, base, "tls-1")
+        status, error = _deliver(base, owner)
+        assert status == "pending" and "CERTIFICATE_VERIFY_FAILED" in (error or "")
+        assert sink.messages == []
+        trusted = base.model_copy(update={"smtp_ca_file": cert})
+        assert _deliver(trusted, owner) == ("sent", None)
+        assert sink.recipients == ["tls@observatory.example"]
+    finally:
+        owner.close()
+
+
+def test_login_without_tls_is_refused_unless_allowed(tmp_path: Path) -> None:
+    sink = SmtpSink(auth=True).start()
+    base = Settings(
+        var_dir=tmp_path / "var",
+        smtp_port=sink.port,
+        smtp_username="relay",
+        smtp_password="s3cret",  # type: ignore[arg-type]
+        smtp_backoff_initial_s=0,
+    )
+    owner = StoreOwner(base, serve=False)
+    assert owner.open()
+    try:
+        _queue_one(owner, base, "plain-1")
+        status, error = _deliver(base, owner)
+        assert status == "pending" and "without TLS" in (error or "")
+        assert sink.messages == []
+        assert "s3cret" not in repr(base) and "s3cret" not in str(base.model_dump())
+        allowed = base.model_copy(update={"smtp_allow_plaintext_auth": True})
+        deadline = time.monotonic() + 10
+        while _deliver(allowed, owner)[0] != "sent":
+            assert time.monotonic() < deadline, "not delivered with plaintext auth allowed"
+        assert sink.recipients == ["tls@observatory.example"]
+    finally:
+        owner.close()
+        sink.stop()
