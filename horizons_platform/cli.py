@@ -147,7 +147,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     with session as con:
         shown = write_result(con.execute(args.sql), args.format, args.limit, sys.stdout)
     if args.format == "table":
-        more = f" (stopped at --limit {args.limit})" if shown.truncated else ""
+        more = f" (stopped at --limit {shown.limit})" if shown.truncated else ""
         print(f"({shown.rows} row{'s' if shown.rows != 1 else ''}{more})")
     return 0
 

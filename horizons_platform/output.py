@@ -21,6 +21,7 @@ MAX_WIDTH = 60
 class Shown:
     rows: int
     truncated: bool
+    limit: int  # the limit applied (0: none)
 
 
 def _rows(cursor: Any, limit: int | None) -> Iterator[tuple]:
@@ -92,4 +93,4 @@ def write_result(cursor: Any, fmt: str, limit: int | None, out: TextIO) -> Shown
                 out.write(line([_text(v) for v in row]).rstrip() + "\n")
                 n += 1
     out.flush()
-    return Shown(n, truncated)
+    return Shown(n, truncated, limit)

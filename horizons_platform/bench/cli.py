@@ -22,9 +22,10 @@ BENCHMARKS: dict[str, str] = {
     "burst": "lag rise and drain after a burst, and when the lag alert fired",
     "soak": "steady load for N minutes: memory stays bounded, nothing lost",
     "query": "a ~15 s analytical query through the owner while events stream: commit gaps",
+    "outbox": "e-mails/s from the notification outbox to a loopback SMTP server",
     "faults": "fault injection: kills, broker restarts, a held snapshot, SMTP down, poison",
 }
-ALL_ORDER = ("ingest", "latency", "query", "burst", "memory", "soak", "faults")
+ALL_ORDER = ("ingest", "latency", "query", "outbox", "burst", "memory", "soak", "faults")
 
 EPILOG = """\
 Each benchmark starts the embedded broker on HORIZONS_BROKER_PORT if it is not running
@@ -90,6 +91,10 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         default=60_000_000,
         help="size of the query's range (default 60,000,000: ~15 s on 2 idle cores)",
     )
+    _common(p)
+
+    p = _parser(bench, "outbox")
+    p.add_argument("--emails", type=int, default=30_000, help="e-mails (default 30,000)")
     _common(p)
 
     p = _parser(bench, "memory")
