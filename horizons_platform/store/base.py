@@ -7,6 +7,7 @@ Quack or the file) both implement it, so services and Dagster code take either.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from abc import ABC, abstractmethod
@@ -20,7 +21,9 @@ import duckdb
 from horizons_platform.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 CONFLICT_RETRIES = 8
+SLOW_TRANSACTION_S = 0.5  # logged: the groups' commits should take milliseconds
 
 
 class StoreUnavailable(RuntimeError):
@@ -52,11 +55,17 @@ class StoreBase(ABC):
         conflicted on the same rows (the other side committed first)."""
         for attempt in range(CONFLICT_RETRIES + 1):
             try:
+                started = time.monotonic()
                 with self.transaction() as con:
-                    return work(con)
+                    result = work(con)
+                took = time.monotonic() - started
+                if took > SLOW_TRANSACTION_S:
+                    log.warning("slow store transaction: %.2fs", took)
+                return result
             except duckdb.Error as exc:
                 if attempt == CONFLICT_RETRIES or not is_conflict(exc):
                     raise
+                log.info("write conflict, retrying (attempt %d): %s", attempt + 1, exc)
                 time.sleep(min(0.5, 0.005 * 2**attempt) * random.uniform(0.5, 1.5))
         raise AssertionError("unreachable")
 
@@ -64,15 +73,8 @@ class StoreBase(ABC):
     def snapshot(self) -> Iterator[Any]:
         """A read-only transaction: every statement sees the same snapshot of the store,
         writes are refused, and writers carry on beside it (MVCC)."""
-        with self.reader() as con:
-            con.execute("BEGIN TRANSACTION READ ONLY")
-            try:
-                yield con
-            except BaseException:
-                with suppress(duckdb.Error):
-                    con.execute("ROLLBACK")
-                raise
-            con.execute("COMMIT")
+        with self.reader() as con, in_transaction(con, "BEGIN TRANSACTION READ ONLY"):
+            yield con
 
     def query(self, sql: str, params: list[Any] | None = None) -> tuple[list[str], list[tuple]]:
         with self.reader() as con:
@@ -83,6 +85,21 @@ class StoreBase(ABC):
     def scalar(self, sql: str, params: list[Any] | None = None) -> Any:
         _, rows = self.query(sql, params)
         return rows[0][0] if rows else None
+
+
+@contextmanager
+def in_transaction(con: Any, begin: str = "BEGIN TRANSACTION") -> Iterator[Any]:
+    """``begin`` … COMMIT on ``con``; ROLLBACK when the block raises or COMMIT fails (a
+    conflict found at commit leaves the transaction aborted, and a Quack session would
+    stay aborted for every later statement)."""
+    con.execute(begin)
+    try:
+        yield con
+        con.execute("COMMIT")
+    except BaseException:
+        with suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        raise
 
 
 def stream(cursor: Any, batch: int = 10_000) -> Iterator[tuple]:

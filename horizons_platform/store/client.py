@@ -25,7 +25,7 @@ from typing import Any
 import duckdb
 
 from horizons_platform.settings import Settings
-from horizons_platform.store.base import StoreBase, StoreUnavailable
+from horizons_platform.store.base import StoreBase, StoreUnavailable, in_transaction
 from horizons_platform.store.endpoint import CATALOG, OwnerInfo, read_owner
 from horizons_platform.store.extensions import load_extensions
 from horizons_platform.store.owner import local_owner, lock_holder
@@ -254,30 +254,13 @@ class Store(StoreBase):
             self.ensure_schema()
             with self._file(read_only=False) as con:
                 if con is not None:
-                    con.execute("BEGIN TRANSACTION")
-                    try:
+                    with in_transaction(con):
                         yield con
-                    except BaseException:
-                        with suppress(duckdb.Error):
-                            con.execute("ROLLBACK")
-                        raise
-                    con.execute("COMMIT")
                     return
             info = self.wait_for_owner()
-        cur = RemoteCursor(self, info)
-        cur.execute("BEGIN TRANSACTION")
-        try:
+        # BEGIN, each statement and COMMIT run on the owner, in this thread's session.
+        with in_transaction(RemoteCursor(self, info)) as cur:
             yield cur
-        except BaseException:
-            with suppress(duckdb.Error):
-                cur.execute("ROLLBACK")
-            raise
-        try:
-            cur.execute("COMMIT")
-        except BaseException:
-            with suppress(duckdb.Error):
-                cur.execute("ROLLBACK")
-            raise
 
     def status(self) -> dict[str, Any]:
         """Owner, Quack port, connected clients and file size, for `horizons store status`."""

@@ -28,7 +28,7 @@ from typing import Any
 import duckdb
 
 from horizons_platform.settings import Settings
-from horizons_platform.store.base import StoreBase, StoreUnavailable
+from horizons_platform.store.base import StoreBase, StoreUnavailable, in_transaction
 from horizons_platform.store.endpoint import OwnerInfo, read_owner, remove_owner, write_owner
 from horizons_platform.store.extensions import load_extensions
 from horizons_platform.store.schema import migrate
@@ -186,20 +186,8 @@ class StoreOwner(StoreBase):
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        cur = self.cursor()
-        cur.execute("BEGIN TRANSACTION")
-        try:
+        with in_transaction(self.cursor()) as cur:
             yield cur
-        except BaseException:
-            with suppress(duckdb.Error):
-                cur.execute("ROLLBACK")
-            raise
-        try:
-            cur.execute("COMMIT")
-        except BaseException:  # a conflict found at commit leaves the transaction aborted
-            with suppress(duckdb.Error):
-                cur.execute("ROLLBACK")
-            raise
 
     def clients(self) -> list[dict[str, Any]]:
         """The Quack connections open right now."""
