@@ -2,7 +2,7 @@
 
 The wheels (``duckdb-extension-quack``, ``duckdb-extension-httpfs``) carry binaries
 signed by DuckDB; loading them by path keeps signature checking on, and nothing is
-downloaded at run time. Never ``allow_unsigned_extensions``.
+downloaded at run time. Unsigned extensions are never allowed.
 """
 
 from __future__ import annotations
