@@ -1,0 +1,76 @@
+"""Dagster's writing and scanning jobs run beside a consumer host at full speed: they are
+clients of the owner, so they succeed and the consumers never fall behind.
+
+Before the store had one owner, every Dagster run took the DuckDB file away from the
+consumers for as long as it worked."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import dagster as dg
+
+from horizons_platform.bench.offsets import OffsetProbe
+from horizons_platform.services.orchestrator import JobOrchestratorService
+from horizons_platform.services.registry import group_topics
+from horizons_platform.settings import Settings
+from horizons_platform.simulate import plan, run_simulation
+from horizons_platform.store.endpoint import read_owner
+from horizons_platform_tests.dagster.conftest import run_job
+from horizons_platform_tests.support import start_consumer, wait_for
+
+JOBS = ("compliance_report_job", "retention_job", "metrics_rollup_job", "checks_job")
+
+
+def test_report_retention_and_checks_succeed_while_the_host_streams(
+    settings: Settings, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    host = start_consumer(settings, tmp_path / "host.log")
+    try:
+        wait_for(lambda: read_owner(settings), timeout=60, what="the host serving the store")
+        probe = OffsetProbe(settings, group_topics(settings))
+        orch = JobOrchestratorService(settings, recover=False, wait=False)
+        stop = threading.Event()
+        traffic = threading.Thread(
+            target=run_simulation,
+            args=(orch, plan(10_000, seed=5, prefix="dj")),  # ~40 s at 1,000/s
+            kwargs={"rate": 1000.0},
+            daemon=True,
+        )
+        traffic.start()
+        wait_for(
+            lambda: all(s.done for s in probe.snapshot().values()),
+            timeout=60,
+            what="every group committing",
+        )
+        worst: dict[str, int] = {}
+
+        def watch() -> None:
+            while not stop.wait(0.2):
+                for group, state in probe.snapshot().items():
+                    worst[group] = max(worst.get(group, 0), state.lag)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        outcomes = {}
+        for name in JOBS:
+            result = run_job(settings, name, instance, raise_on_error=False)
+            failures = [
+                (e.check_name, e.description)
+                for e in result.get_asset_check_evaluations()
+                if not e.passed and e.severity == dg.AssetCheckSeverity.ERROR
+            ]
+            outcomes[name] = (result.success, failures)
+        assert traffic.is_alive(), "the stream ended before the jobs did: not measured beside it"
+        stop.set()
+        watcher.join(10)
+        print(f"\njobs: {outcomes}\nworst lag per group while they ran: {worst}")
+        assert all(ok for ok, _ in outcomes.values()), outcomes
+        threshold = settings.health_lag_messages_threshold
+        assert worst and max(worst.values()) < threshold, worst
+        traffic.join(60)
+    finally:
+        host.send_signal(signal.SIGTERM)
+        host.wait(60)
