@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import socket
 import sys
 import time
 import uuid
@@ -26,6 +25,7 @@ from pydantic import SecretStr
 from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.settings import Settings
+from horizons_platform.store.owner import free_port
 
 HOST = "127.0.0.1"
 
@@ -64,12 +64,6 @@ class Progress:
         if self._status_open:
             print(file=self.stream, flush=True)
             self._status_open = False
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -100,9 +100,3 @@ def in_transaction(con: Any, begin: str = "BEGIN TRANSACTION") -> Iterator[Any]:
         with suppress(duckdb.Error):
             con.execute("ROLLBACK")
         raise
-
-
-def stream(cursor: Any, batch: int = 10_000) -> Iterator[tuple]:
-    """The rows of an executed cursor, ``batch`` at a time (never all in memory)."""
-    while rows := cursor.fetchmany(batch):
-        yield from rows

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +138,6 @@ class RemoteCursor:
     def fetchmany(self, size: int = 1) -> list[tuple]:
         return self._session.con.fetchmany(size)
 
-    def fetch_arrow_table(self) -> Any:
-        return self._session.con.fetch_arrow_table()
-
     def insert_rows(
         self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], on_conflict: str
     ) -> None:
@@ -220,7 +217,11 @@ class Store(StoreBase):
     def ensure_schema(self) -> None:
         from horizons_platform.store.schema import migrate
 
-        if self.path.resolve() in _MIGRATED or self.owner() is not None:
+        if (
+            self.path.resolve() in _MIGRATED
+            or local_owner(self.path) is not None
+            or self.owner() is not None
+        ):
             return  # the owner migrates when it opens the file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._file(read_only=False) as con:
@@ -229,38 +230,31 @@ class Store(StoreBase):
                 _MIGRATED.add(self.path.resolve())
 
     @contextmanager
-    def reader(self) -> Iterator[Any]:
+    def _way_in(self, read_only: bool) -> Iterator[Any]:
+        """The owner's own cursor (in its process), a Quack cursor, or the file."""
         if (local := local_owner(self.path)) is not None:
             with local.reader() as con:
                 yield con
             return
         info = self.owner()
         if info is None:
-            with self._file(read_only=True) as con:
+            with self._file(read_only) as con:
                 if con is not None:
                     yield con
                     return
-            info = self.wait_for_owner()
+            info = self.wait_for_owner()  # an owner appeared while we waited for the file
         yield RemoteCursor(self, info)
+
+    def reader(self) -> AbstractContextManager[Any]:
+        return self._way_in(read_only=True)
 
     @contextmanager
     def transaction(self) -> Iterator[Any]:
-        if (local := local_owner(self.path)) is not None:
-            with local.transaction() as con:
-                yield con
-            return
-        info = self.owner()
-        if info is None:
-            self.ensure_schema()
-            with self._file(read_only=False) as con:
-                if con is not None:
-                    with in_transaction(con):
-                        yield con
-                    return
-            info = self.wait_for_owner()
-        # BEGIN, each statement and COMMIT run on the owner, in this thread's session.
-        with in_transaction(RemoteCursor(self, info)) as cur:
-            yield cur
+        # Through Quack, BEGIN, each statement and COMMIT run on the owner, in this
+        # thread's session.
+        self.ensure_schema()
+        with self._way_in(read_only=False) as con, in_transaction(con):
+            yield con
 
     def status(self) -> dict[str, Any]:
         """Owner, Quack port, connected clients and file size, for `horizons store status`."""

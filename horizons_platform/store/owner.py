@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import duckdb
 
@@ -188,10 +187,3 @@ class StoreOwner(StoreBase):
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         with in_transaction(self.cursor()) as cur:
             yield cur
-
-    def clients(self) -> list[dict[str, Any]]:
-        """The Quack connections open right now."""
-        cur = self.cursor()
-        result = cur.execute("SELECT * FROM quack_active_connections()")
-        columns = [d[0] for d in result.description or []]
-        return [dict(zip(columns, row, strict=True)) for row in result.fetchall()]
