@@ -6,7 +6,9 @@ e.g. ``HORIZONS_BROKER_PORT=19092`` or ``HORIZONS_DUCKDB_PATH=/data/h.duckdb``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import socket
 from functools import cached_property
 from pathlib import Path
 
@@ -54,8 +56,13 @@ class Settings(BaseSettings):
     replication_factor: int = 1
 
     # --- consumer loop ---------------------------------------------------------------
-    batch_max_messages: int = 2000
+    batch_max_messages: int = 5000
     batch_max_wait_s: float = 0.05
+    # Static group membership (group.instance.id = "<group>.<this>"): a host restarted
+    # after a crash, or its standby, takes its partitions back at once instead of waiting
+    # out the dead member's session. Unset: derived from the store file, so the owner and
+    # its standbys share it; empty: dynamic membership.
+    group_instance_id: str | None = None
     broker_grace_s: float = 30.0  # how long consumers ride out a lost broker
     shutdown_timeout_s: float = 15.0
 
@@ -67,6 +74,7 @@ class Settings(BaseSettings):
     # DuckDB worker threads in the owner (default: all cores but one). A client's big
     # query runs on these; the spare core keeps the consumers committing meanwhile.
     store_threads: int | None = None
+    store_checkpoint_mb: int = Field(default=256, ge=1)  # WAL size that triggers a checkpoint
 
     # --- notifications / SMTP ------------------------------------------------------------
     smtp_host: str = "127.0.0.1"
@@ -128,6 +136,14 @@ class Settings(BaseSettings):
         return db.parent / (
             "store.json" if db.name == "horizons.duckdb" else f"{db.stem}.store.json"
         )
+
+    @cached_property
+    def consumer_instance_id(self) -> str | None:
+        """This host's ``group.instance.id`` stem, or None for dynamic membership."""
+        if self.group_instance_id is not None:
+            return self.group_instance_id or None
+        digest = hashlib.sha256(str(self.database.resolve()).encode()).hexdigest()[:12]
+        return f"{socket.gethostname()}-{digest}"
 
     @cached_property
     def dagster_dir(self) -> Path:

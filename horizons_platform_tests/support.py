@@ -175,6 +175,7 @@ _ENV_FIELDS = (
     "kafka_bootstrap",
     "smtp_port",
     "store_port",
+    "group_instance_id",
     "var_dir",
     "topic_job_lifecycle",
     "topic_job_metrics",

@@ -111,6 +111,9 @@ class BenchContext:
             "kafka_bootstrap": self.bootstrap,
             "duckdb_path": database,
             "store_port": 0,  # any free port: runs never meet each other or `horizons up`
+            # One static member id per bench run: the run's successive hosts replace each
+            # other in the groups at once instead of waiting out a session timeout.
+            "group_instance_id": f"bench-{self.stamp.lower()}",
             "dagster_home": self.run_dir / "dagster",
             "topic_job_lifecycle": f"{prefix}-job-lifecycle",
             "topic_job_metrics": f"{prefix}-job-metrics",

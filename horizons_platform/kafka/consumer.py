@@ -1,10 +1,13 @@
 """THE consumer loop: one implementation, used by all four services.
 
-Per batch: poll (by count and by time) → decode → the service's handler → one DuckDB
-transaction holding the rows, the dead letters and the group's next offsets → commit
-the same offsets to Kafka (so Kafka's tools show lag). On every assignment the loop
-seeks to the offsets stored in DuckDB, which makes DuckDB — not Kafka — the truth:
-a crash between the two commits replays nothing that was stored.
+Per batch: poll (by count and by time) → decode the batch once, column by column → the
+service's handler → one DuckDB transaction holding the rows, the dead letters and the
+group's next offsets (:class:`~horizons_platform.kafka.checkpoint.Checkpoint`) → commit
+the same offsets to Kafka (so Kafka's tools show lag). The transaction of batch N runs
+on a writer thread while the loop polls and decodes batch N+1: DuckDB works outside
+the GIL, so the two overlap on two cores. On every assignment the loop seeks to the
+offsets stored in DuckDB, which makes DuckDB — not Kafka — the truth: a crash between
+the two commits replays nothing that was stored.
 """
 
 from __future__ import annotations
@@ -14,15 +17,14 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from horizons_platform.events import EventDecodeError, decode
+from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter
 from horizons_platform.kafka.producer import Publisher
-from horizons_platform.services.audit import safe_text
-from horizons_platform.services.base import Handler, Output, Record, Rows, now
+from horizons_platform.services.base import Batch, Handler, Tables, now
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreBase
@@ -31,38 +33,10 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_BROKER_LOST = 3
+EXIT_FENCED = 5  # Kafka fenced this member: another host with the same instance id took over
 
 SIGNAL_INTERVAL_S = 1.0
 DLQ_MAX_VALUE_BYTES = 512 * 1024
-
-
-@dataclass
-class DeadLetter:
-    record: Record
-    error_class: str
-    error_message: str
-
-
-@dataclass
-class LoopStats:
-    """Counters the health rules read (flushed to ``health_signals`` about once a second)."""
-
-    processed: int = 0
-    errors: int = 0
-    dead_letters: int = 0
-    batches: int = 0
-    last_flush: float = field(default_factory=time.monotonic)
-    total_processed: int = 0
-
-    def take(self) -> dict[str, int]:
-        out = {
-            "processed": self.processed,
-            "errors": self.errors,
-            "dead_letters": self.dead_letters,
-        }
-        self.processed = self.errors = self.dead_letters = 0
-        self.last_flush = time.monotonic()
-        return out
 
 
 class ConsumerLoop:
@@ -82,28 +56,38 @@ class ConsumerLoop:
         self.group = handler.group
         self.publisher = publisher or Publisher(settings)
         self.stop_event = stop_event or threading.Event()
-        self.stats = LoopStats()
         self.ready = threading.Event()  # set once partitions are assigned
         self._broker_down_since: float | None = None
+        self._fatal: KafkaError | None = None
         self._next_probe = 0.0
         self._probe_delay = 0.5
+        self._last_signals = time.monotonic()
         self._client_id = client_id or f"{self.group}-{socket.gethostname()}-{os.getpid()}"
-        self._consumer = Consumer(
-            settings.kafka_config(
-                **{
-                    "group.id": self.group,
-                    "client.id": self._client_id,
-                    "enable.auto.commit": False,
-                    "auto.offset.reset": "earliest",
-                    "fetch.wait.max.ms": 20,
-                    "session.timeout.ms": 10_000,
-                    "heartbeat.interval.ms": 1_000,
-                    # Bounds how long close() waits on a dead coordinator (default 60 s).
-                    "socket.timeout.ms": 10_000,
-                    "error_cb": self._on_error,
-                }
-            )
+        self.checkpoint = Checkpoint(
+            handler, store, send_dead_letters=self._send_dead_letters, extra_rows=self._signals
         )
+        self.stats = self.checkpoint.counters
+        # One writer thread: batch N's transaction runs there while batch N+1 is polled.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.group}")
+        self._in_flight: Future[dict[tuple[str, int], int]] | None = None
+        config: dict[str, object] = {
+            "group.id": self.group,
+            "client.id": self._client_id,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 20,
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 1_000,
+            # Bounds how long close() waits on a dead coordinator (default 60 s).
+            "socket.timeout.ms": 10_000,
+            "error_cb": self._on_error,
+        }
+        if settings.consumer_instance_id:
+            # Static membership: a host restarted after a crash (or its standby, which
+            # has the same id) gets its partitions back at once instead of waiting out
+            # the dead member's session; a zombie with the same id is fenced by Kafka.
+            config["group.instance.id"] = f"{self.group}.{settings.consumer_instance_id}"
+        self._consumer = Consumer(settings.kafka_config(**config))
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -122,19 +106,47 @@ class ConsumerLoop:
                     num_messages=self.settings.batch_max_messages,
                     timeout=self.settings.batch_max_wait_s,
                 )
+                if self._fatal is not None:
+                    log.error("%s: stopping: %s", self.group, self._fatal.str())
+                    code = EXIT_FENCED
+                    break
+                batch = self._batch(messages) if messages else None
                 if messages:
                     self._broker_down_since = None
-                    self.process(messages)
-                elif self._broker_down_since is not None and self._broker_still_down():
-                    code = EXIT_BROKER_LOST
-                    break
-                self._maybe_flush_signals()
+                if batch is not None:
+                    rows = self.checkpoint.prepare(batch)
+                    self._finish_in_flight()
+                    self._in_flight = self._writer.submit(self.checkpoint.commit, batch, rows)
+                else:
+                    self._finish_in_flight()
+                    if self._broker_down_since is not None and self._broker_still_down():
+                        code = EXIT_BROKER_LOST
+                        break
+                    self._maybe_flush_signals()
+            self._finish_in_flight()
         finally:
             self._close(code)
         return code
 
+    def process(self, messages: list[Any]) -> None:
+        """Store one polled list of messages now (tests and tools; ``run`` overlaps them)."""
+        batch = self._batch(messages)
+        if batch is not None:
+            self._commit_to_kafka(self.checkpoint.commit(batch))
+
+    def _finish_in_flight(self) -> None:
+        """Wait for the batch being written; its offsets then go to Kafka. A store
+        failure surfaces here and stops the loop without committing anything."""
+        if self._in_flight is None:
+            return
+        future, self._in_flight = self._in_flight, None
+        self._commit_to_kafka(future.result())
+
     def _close(self, code: int) -> None:
         try:
+            if self._in_flight is not None and not self._in_flight.done():
+                self._in_flight.exception()  # let the transaction finish, whatever it says
+            self._writer.shutdown(wait=True)
             self._maybe_flush_signals(force=True)
         except Exception:  # the store may be the reason we stop
             log.exception("%s: could not flush health signals", self.group)
@@ -159,6 +171,7 @@ class ConsumerLoop:
     # --- rebalance: DuckDB holds the truth about where to resume -------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._finish_in_flight()
         with self.store.transaction() as con:
             stored = tables.stored_offsets(con, self.group)
         for tp in partitions:
@@ -168,12 +181,16 @@ class ConsumerLoop:
         log.info("%s: assigned %d partitions", self.group, len(partitions))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Batches are written before the next poll, so nothing is pending here.
+        # The batch in flight is stored before the partitions go to another member.
+        self._finish_in_flight()
         consumer.unassign()
 
     # --- broker loss ---------------------------------------------------------------------
 
     def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():  # e.g. fenced: another member with our group.instance.id joined
+            self._fatal = err
+            return
         lost = err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
         if lost and self._broker_down_since is None:
             self._broker_down_since = time.monotonic()
@@ -214,123 +231,23 @@ class ConsumerLoop:
 
     # --- the batch ---------------------------------------------------------------------
 
-    def process(self, messages: list[Any]) -> None:
-        records = [self._record(m) for m in messages if self._is_data(m)]
-        if not records:
-            return
-        outputs, dead = self._handle(records)
-        try:
-            self._write(records, outputs, dead)
-        except Exception:
-            # One record's rows broke the batch (e.g. a constraint): find it, one by one.
-            log.exception("%s: batch write failed; isolating the bad record", self.group)
-            self._write_one_by_one(records, outputs, dead)
-        self.stats.batches += 1
-        self.stats.total_processed += len(records)
-
-    def _is_data(self, msg: Any) -> bool:
-        err = msg.error()
-        if err is None:
-            return True
-        if err.code() != KafkaError._PARTITION_EOF:
-            log.warning("%s: consume error: %s", self.group, err.str())
-        return False
-
-    @staticmethod
-    def _record(msg: Any) -> Record:
-        _, ts = msg.timestamp()
-        record = Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), ts)
-        try:
-            record.event = decode(record.value)
-        except EventDecodeError as exc:
-            record.error = exc
-        return record
-
-    def _handle(self, records: list[Record]) -> tuple[dict[int, Output], list[DeadLetter]]:
-        outputs: dict[int, Output] = {}
-        dead: list[DeadLetter] = []
-        for i, record in enumerate(records):
-            self.stats.processed += 1
-            try:
-                if record.error is not None:
-                    dead.append(
-                        DeadLetter(
-                            record, f"EventDecodeError.{record.error.kind}", safe_text(record.error)
-                        )
-                    )
-                    outputs[i] = self.handler.handle_invalid(record)
-                else:
-                    outputs[i] = self.handler.handle(record)
-            except Exception as exc:  # any handler bug: dead-letter this record, go on
-                self.stats.errors += 1
-                log.warning(
-                    "%s: handler error at %s[%d]@%d: %r",
-                    self.group,
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    exc,
-                )
-                dead.append(
-                    DeadLetter(record, type(exc).__name__, safe_text(str(exc) or repr(exc)))
-                )
-        self.stats.dead_letters += len(dead)
-        return outputs, dead
-
-    def _write(
-        self, records: list[Record], outputs: dict[int, Output], dead: list[DeadLetter]
-    ) -> None:
-        next_offsets: dict[tuple[str, int], int] = {}
-        for r in records:
-            next_offsets[(r.topic, r.partition)] = r.offset + 1
-        self._send_dead_letters(dead)
-        signals = self._take_signals()
-
-        def write(con: Any) -> Rows:
-            # Fencing: a member that lost its partitions without noticing (a zombie after
-            # a session timeout) may hold a batch another member already stored. Anything
-            # below the stored offsets is dropped here, for every table at once.
-            stored = tables.stored_offsets(con, self.group)
-            fresh = [
-                i
-                for i, r in enumerate(records)
-                if r.offset >= stored.get((r.topic, r.partition), -1)
-            ]
-            rows = Rows()
-            for i in fresh:
-                rows.extend(outputs.get(i, []))
-            kept = {id(records[i]) for i in fresh}
-            self.handler.persist(con, rows)
-            tables.insert(
-                con, "dead_letters", [self._dead_row(d) for d in dead if id(d.record) in kept]
-            )
-            tables.insert(con, "health_signals", signals)
-            tables.save_offsets(
-                con,
-                self.group,
-                {tp: max(o, stored.get(tp, 0)) for tp, o in next_offsets.items()},
-            )
-            return rows
-
-        # Groups commit side by side (MVCC); a write-write conflict retries the batch.
-        rows = self.store.write(write)
-        self._commit_to_kafka(next_offsets)
-        self.handler.after_commit(rows)
-
-    def _write_one_by_one(
-        self, records: list[Record], outputs: dict[int, Output], dead: list[DeadLetter]
-    ) -> None:
-        dead_by_record = {id(d.record): d for d in dead}
-        for i, record in enumerate(records):
-            out = outputs.get(i, [])
-            letters = [dead_by_record[id(record)]] if id(record) in dead_by_record else []
-            try:
-                self._write([record], {0: out}, letters)
-            except Exception as exc:
-                self.stats.errors += 1
-                self.stats.dead_letters += 1
-                letter = DeadLetter(record, type(exc).__name__, f"store rejected rows: {exc}")
-                self._write([record], {}, [letter])
+    def _batch(self, messages: list[Any]) -> Batch | None:
+        data = [m for m in messages if m.error() is None]
+        if len(data) != len(messages):
+            for m in messages:
+                err = m.error()
+                if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("%s: consume error: %s", self.group, err.str())
+        if not data:
+            return None
+        return Batch.decode(
+            [m.topic() for m in data],
+            [m.partition() for m in data],
+            [m.offset() for m in data],
+            [m.key() for m in data],
+            [m.value() for m in data],
+            [m.timestamp()[1] for m in data],
+        )
 
     # --- side outputs --------------------------------------------------------------------
 
@@ -338,16 +255,15 @@ class ConsumerLoop:
         if not dead:
             return
         for d in dead:
-            r = d.record
             headers = [
                 ("error_class", d.error_class.encode()),
                 ("error_message", d.error_message.encode()[:1000]),
-                ("original_topic", r.topic.encode()),
-                ("original_partition", str(r.partition).encode()),
-                ("original_offset", str(r.offset).encode()),
+                ("original_topic", d.topic.encode()),
+                ("original_partition", str(d.partition).encode()),
+                ("original_offset", str(d.offset).encode()),
                 ("consumer_group", self.group.encode()),
             ]
-            value = r.value or b""
+            value = d.value or b""
             if len(value) > DLQ_MAX_VALUE_BYTES:
                 # Kafka accepted it once, but our producer's limit may be lower: keep the
                 # head here (dead_letters keeps every byte) rather than fail the batch.
@@ -355,16 +271,16 @@ class ConsumerLoop:
                 value = value[:DLQ_MAX_VALUE_BYTES]
             try:
                 self.publisher.send_async(
-                    self.settings.topic_dlq, value, key=r.key, headers=headers
+                    self.settings.topic_dlq, value, key=d.key, headers=headers
                 )
             except KafkaException as exc:
                 log.error(
                     "%s: dead letter %s[%d]@%d not sent to the DLQ topic (%s); it is "
                     "still stored in dead_letters",
                     self.group,
-                    r.topic,
-                    r.partition,
-                    r.offset,
+                    d.topic,
+                    d.partition,
+                    d.offset,
                     exc,
                 )
         # At-least-once into the DLQ topic (its headers identify duplicates); the
@@ -372,20 +288,6 @@ class ConsumerLoop:
         remaining = self.publisher.flush(5.0)
         if remaining:
             log.warning("%s: %d dead letters not yet acknowledged by Kafka", self.group, remaining)
-
-    def _dead_row(self, d: DeadLetter) -> dict[str, Any]:
-        r = d.record
-        return {
-            "consumer_group": self.group,
-            "topic": r.topic,
-            "partition": r.partition,
-            "offset": r.offset,
-            "error_class": d.error_class,
-            "error_message": d.error_message,
-            "raw": r.value,
-            "key": r.key,
-            "received_at": now(),
-        }
 
     def _commit_to_kafka(self, next_offsets: dict[tuple[str, int], int]) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
@@ -405,16 +307,19 @@ class ConsumerLoop:
             "value": float(value),
         }
 
-    def _take_signals(self, force: bool = False) -> list[dict[str, Any]]:
-        if not force and time.monotonic() - self.stats.last_flush < SIGNAL_INTERVAL_S:
-            return []
+    def _signals(self, force: bool = False) -> Tables:
+        """The loop's counters as ``health_signals`` columns, about once a second."""
+        if not force and time.monotonic() - self._last_signals < SIGNAL_INTERVAL_S:
+            return {}
+        self._last_signals = time.monotonic()
         counts = self.stats.take()
         if not any(counts.values()):
-            return []
-        return [self._signal(k, v) for k, v in counts.items()]
+            return {}
+        rows = [self._signal(k, v) for k, v in counts.items()]
+        return {"health_signals": {name: [r[name] for r in rows] for name in rows[0]}}
 
     def _maybe_flush_signals(self, force: bool = False) -> None:
-        signals = self._take_signals(force)
+        signals = self._signals(force)
         if signals:
             with self.store.transaction() as con:
-                tables.insert(con, "health_signals", signals)
+                tables.insert_columns(con, "health_signals", signals["health_signals"])

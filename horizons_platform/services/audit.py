@@ -1,10 +1,19 @@
 """ComplianceAuditor: an immutable, hash-chained record of every event seen.
 
-Each ``audit_log`` row carries ``hash = SHA-256(prev_hash || canonical content)``; the
-canonical content covers seq, event_id, job_id, event_type, occurred_at, payload and,
-for an invalid event, a digest of its raw bytes. Editing, deleting or reordering any
-row therefore breaks the chain from that row on. Retention removes old rows and writes
-a checkpoint naming the removed seq ranges, so the rest still verifies.
+Every message is stored with its original bytes. Each ``audit_log`` row's hash chains
+it to the previous one, so editing, deleting or reordering any row breaks the chain
+from that row on. Two hash rules exist (``hash_rule``); old rows keep verifying under
+theirs:
+
+1. (until migration 3) SHA-256(prev_hash ‖ canonical JSON of the row's fields).
+2. SHA-256(prev_hash ‖ seq ‖ topic/partition/offset ‖ recorded_at ‖ valid ‖ the row's
+   identifying columns ‖ SHA-256(raw bytes)): about a microsecond, no JSON at all. The
+   identifying columns (event_id, job_id, event_type, occurred_at, validation_error)
+   are in it so that a query by job_id cannot be fooled by an edited column; the
+   ``payload`` column is DuckDB's projection of ``raw`` and is checked against it.
+
+Retention removes old rows and writes a checkpoint naming the removed seq ranges, so
+the rest still verifies.
 """
 
 from __future__ import annotations
@@ -13,34 +22,59 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from horizons_platform.services.base import Handler, Output, Record, Rows, now
+import pyarrow as pa
+
+from horizons_platform.services.base import Batch, Columns, Handler, Tables, now
 from horizons_platform.store import tables
 
 if TYPE_CHECKING:
     import duckdb
 
 GENESIS = "0" * 64
+RULE_CANONICAL_JSON = 1
+RULE_RAW_BYTES = 2
 AUDIT_COLUMNS = (
     "seq",
+    "hash_rule",
+    "topic",
+    "partition",
+    "offset",
+    "recorded_at",
+    "valid",
     "event_id",
     "job_id",
     "event_type",
     "occurred_at",
+    "validation_error",
     "payload",
     "raw",
-    "valid",
     "prev_hash",
     "hash",
 )
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+# DuckDB's view of a valid event's payload, stored in ``payload`` and checked against
+# ``raw`` by verify_store (TRY: bytes pydantic accepted may still hold escapes DuckDB's
+# JSON refuses, e.g. a lone surrogate; then the column is NULL, never a failed batch).
+PAYLOAD_OF_RAW = "CASE WHEN valid THEN TRY(json_extract(decode(raw), '$.payload')) END"
 
 
 def _iso(ts: datetime | None) -> str | None:
     if ts is None:
         return None
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _micros(ts: datetime | None) -> str:
+    return "-" if ts is None else str((ts - _EPOCH) // _MICROSECOND)
+
+
+def _text(value: str | None) -> str:
+    # Length-prefixed: no choice of job_id can shift bytes into the next field.
+    return "-" if value is None else f"{len(value)}:{value}"
 
 
 def _canonical_payload(payload: Any) -> Any:
@@ -51,7 +85,7 @@ def _canonical_payload(payload: Any) -> Any:
 
 
 def canonical(row: dict[str, Any]) -> bytes:
-    """The bytes the hash covers; stable across DuckDB round trips."""
+    """Rule 1: the bytes the hash covers; stable across DuckDB round trips."""
     raw = row.get("raw")
     content = {
         "seq": row["seq"],
@@ -66,8 +100,85 @@ def canonical(row: dict[str, Any]) -> bytes:
     return json.dumps(content, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
+def link_raw(
+    prev_hash: str,
+    seq: int,
+    topic: str,
+    partition: int,
+    offset: int,
+    recorded_at: datetime,
+    valid: bool,
+    event_id: str | None,
+    job_id: str | None,
+    event_type: str | None,
+    occurred_at: datetime | None,
+    validation_error: str | None,
+    raw: bytes | None,
+) -> str:
+    """Rule 2: SHA-256 over the coordinates, the identifying columns and SHA-256(raw)."""
+    return _link(
+        prev_hash,
+        seq,
+        topic,
+        partition,
+        offset,
+        _micros(recorded_at),
+        valid,
+        event_id,
+        job_id,
+        event_type,
+        _micros(occurred_at),
+        validation_error,
+        raw,
+    )
+
+
+def _link(
+    prev_hash: str,
+    seq: int,
+    topic: str,
+    partition: int,
+    offset: int,
+    recorded_us: str,
+    valid: bool,
+    event_id: str | None,
+    job_id: str | None,
+    event_type: str | None,
+    occurred_us: str,
+    validation_error: str | None,
+    raw: bytes | None,
+) -> str:
+    head = (
+        f"{prev_hash}|{seq}|{topic}/{partition}/{offset}|{recorded_us}|{valid:d}|"
+        f"{_text(event_id)}|{_text(job_id)}|{_text(event_type)}|{occurred_us}|"
+        f"{_text(validation_error)}|"
+    )
+    try:
+        data = head.encode()
+    except UnicodeEncodeError:  # a lone surrogate from JSON: still hashable, not storable
+        data = head.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data + hashlib.sha256(raw or b"").digest()).hexdigest()
+
+
 def link(prev_hash: str, row: dict[str, Any]) -> str:
-    return hashlib.sha256(prev_hash.encode() + canonical(row)).hexdigest()
+    """The hash ``row`` must carry after ``prev_hash``, under the row's own rule."""
+    if row.get("hash_rule", RULE_CANONICAL_JSON) == RULE_CANONICAL_JSON:
+        return hashlib.sha256(prev_hash.encode() + canonical(row)).hexdigest()
+    return link_raw(
+        prev_hash,
+        row["seq"],
+        row["topic"],
+        row["partition"],
+        row["offset"],
+        row["recorded_at"],
+        bool(row["valid"]),
+        row.get("event_id"),
+        row.get("job_id"),
+        row.get("event_type"),
+        row.get("occurred_at"),
+        row.get("validation_error"),
+        row.get("raw"),
+    )
 
 
 def chain(rows: list[dict[str, Any]], last_seq: int, last_hash: str | None) -> None:
@@ -77,6 +188,45 @@ def chain(rows: list[dict[str, Any]], last_seq: int, last_hash: str | None) -> N
         row["seq"] = last_seq + i
         row["prev_hash"] = prev
         row["hash"] = prev = link(prev, row)
+
+
+def chain_columns(columns: Columns, last_seq: int, last_hash: str | None) -> tuple[int, str]:
+    """Rule 2 over a batch of columns: adds seq, prev_hash and hash; returns the new tail."""
+    n = len(columns["offset"])
+    seqs = list(range(last_seq + 1, last_seq + n + 1))
+    prevs: list[str] = []
+    hashes: list[str] = []
+    prev = last_hash or GENESIS
+    # Microseconds since the epoch through Arrow: datetime arithmetic per row costs more
+    # than the two SHA-256 calls.
+    recorded = _micros_column(columns["recorded_at"])
+    occurred = _micros_column(columns["occurred_at"])
+    for values in zip(
+        seqs,
+        columns["topic"],
+        columns["partition"],
+        columns["offset"],
+        recorded,
+        columns["valid"],
+        columns["event_id"],
+        columns["job_id"],
+        columns["event_type"],
+        occurred,
+        columns["validation_error"],
+        columns["raw"],
+        strict=True,
+    ):
+        prevs.append(prev)
+        prev = _link(prev, *values)
+        hashes.append(prev)
+    columns["seq"], columns["prev_hash"], columns["hash"] = seqs, prevs, hashes
+    columns["hash_rule"] = [RULE_RAW_BYTES] * n
+    return (seqs[-1], prev) if n else (last_seq, last_hash or GENESIS)
+
+
+def _micros_column(values: list[datetime | None]) -> list[str]:
+    micros = pa.array(values, pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
+    return ["-" if m is None else str(m) for m in micros]
 
 
 @dataclass(frozen=True)
@@ -134,38 +284,41 @@ def verify(
     return ChainReport(True, checked)
 
 
-def audit_row(record: Record) -> dict[str, Any]:
-    event = record.event
-    base: dict[str, Any] = {
-        "recorded_at": now(),
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
+def audit_columns(batch: Batch, recorded_at: datetime) -> Columns:
+    """One ``audit_log`` row per message, valid or not (seq and hashes come later)."""
+    event_ids: list[str | None] = []
+    job_ids: list[str | None] = []
+    types: list[str | None] = []
+    occurred: list[datetime | None] = []
+    reasons: list[str | None] = []
+    for i, event in enumerate(batch.events):
+        if event is not None:
+            event_ids.append(str(event["event_id"]))
+            job_ids.append(event["job_id"])
+            types.append(event["event_type"])
+            occurred.append(event["occurred_at"])
+            reasons.append(None)
+        else:
+            hint = _best_effort_fields(batch.values[i])
+            event_ids.append(hint.get("event_id"))
+            job_ids.append(hint.get("job_id"))
+            types.append(hint.get("event_type"))
+            occurred.append(None)
+            reasons.append(safe_text(batch.errors[i]))
+    n = len(batch)
+    return {
+        "topic": batch.topics,
+        "partition": batch.partitions,
+        "offset": batch.offsets,
+        "recorded_at": [recorded_at] * n,
+        "valid": [e is not None for e in batch.events],
+        "event_id": event_ids,
+        "job_id": job_ids,
+        "event_type": types,
+        "occurred_at": occurred,
+        "validation_error": reasons,
+        "raw": [v or b"" for v in batch.values],
     }
-    if event is not None:
-        base.update(
-            event_id=str(event.event_id),
-            job_id=event.job_id,
-            event_type=event.event_type,
-            occurred_at=event.occurred_at,
-            valid=True,
-            validation_error=None,
-            payload=event.payload.model_dump_json(),  # type: ignore[attr-defined]
-            raw=None,
-        )
-    else:
-        hint = _best_effort_fields(record.value)
-        base.update(
-            event_id=hint.get("event_id"),
-            job_id=hint.get("job_id"),
-            event_type=hint.get("event_type"),
-            occurred_at=None,
-            valid=False,
-            validation_error=safe_text(record.error),
-            payload=None,
-            raw=record.value or b"",
-        )
-    return base
 
 
 def safe_text(value: object, limit: int = 1000) -> str:
@@ -185,8 +338,43 @@ def _best_effort_fields(raw: bytes | None) -> dict[str, str]:
     return {k: safe_text(data[k], 200) for k in fields if data.get(k)}
 
 
+_AUDIT_SCHEMA = pa.schema(
+    [
+        ("seq", pa.int64()),
+        ("hash_rule", pa.int32()),
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("recorded_at", pa.timestamp("us", tz="UTC")),
+        ("valid", pa.bool_()),
+        ("event_id", pa.string()),
+        ("job_id", pa.string()),
+        ("event_type", pa.string()),
+        ("occurred_at", pa.timestamp("us", tz="UTC")),
+        ("validation_error", pa.string()),
+        ("raw", pa.binary()),
+        ("prev_hash", pa.string()),
+        ("hash", pa.string()),
+    ]
+)
+_INSERT_AUDIT = (
+    'INSERT INTO audit_log (seq, hash_rule, topic, "partition", "offset", recorded_at, '
+    "valid, event_id, job_id, event_type, occurred_at, validation_error, raw, prev_hash, "
+    f"hash, payload) SELECT *, {PAYLOAD_OF_RAW} FROM _horizons_audit"
+)
+
+
 class AuditHandler(Handler):
     group = "compliance-auditor"
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        # The chain's (seq, hash) as last committed; None = read it from the store.
+        self._tail: tuple[int, str | None] | None = None
+        self._pending: tuple[int, str | None] | None = None
+        # Where the next prepared batch starts: the tail the batches before it will
+        # leave (None until the first write has read the tail from the store).
+        self._expected: tuple[int, str | None] | None = None
 
     def topics(self) -> list[str]:
         s = self.settings
@@ -197,26 +385,49 @@ class AuditHandler(Handler):
             s.topic_system_health,
         ]
 
-    def handle(self, record: Record) -> Output:
-        return [("audit_log", audit_row(record))]
+    def handle(self, batch: Batch) -> Tables:
+        return {"audit_log": audit_columns(batch, now())}
 
-    def handle_invalid(self, record: Record) -> Output:
-        return [("audit_log", audit_row(record))]
+    def prepare(self, rows: Tables) -> None:
+        # Chained on the polling thread, from the tail the previous batch will leave if
+        # it commits as prepared; persist() checks that and chains again if not.
+        columns = rows.get("audit_log")
+        if columns and columns["offset"] and self._expected is not None:
+            self._expected = chain_columns(columns, *self._expected)
 
-    def persist(self, con: duckdb.DuckDBPyConnection, rows: Rows) -> None:
+    def persist(self, con: duckdb.DuckDBPyConnection, rows: Tables) -> None:
         # Replays never reach this point: the loop fences on the stored offsets, and the
         # UNIQUE (topic, partition, offset) constraint is the last line of defence.
-        new = rows.tables.pop("audit_log", [])
-        # The chain is extended inside the write transaction: DuckDB's single-writer
-        # lock makes the tail we read here the true tail, even with several auditors.
-        last_seq, last_hash = tables.audit_tail(con)
-        chain(new, last_seq, last_hash)
-        tables.insert(con, "audit_log", new)
+        columns = rows.pop("audit_log", None)
+        if columns and columns["offset"]:
+            # This host is the one writer of the chain (the store has one owner), so the
+            # tail it committed last is the tail; it is read from the store only after a
+            # start or a rolled-back transaction.
+            last_seq, last_hash = self._tail or tables.audit_tail(con)
+            seqs, prevs = columns.get("seq"), columns.get("prev_hash")
+            if seqs and prevs and (seqs[0], prevs[0]) == (last_seq + 1, last_hash or GENESIS):
+                self._pending = (seqs[-1], columns["hash"][-1])
+            else:
+                self._pending = self._expected = chain_columns(columns, last_seq, last_hash)
+            arrow = pa.table({f.name: columns[f.name] for f in _AUDIT_SCHEMA}, _AUDIT_SCHEMA)
+            con.register("_horizons_audit", arrow)
+            try:
+                con.execute(_INSERT_AUDIT)
+            finally:
+                con.unregister("_horizons_audit")
         super().persist(con, rows)
+
+    def rollback(self) -> None:
+        self._tail = self._pending = None
+
+    def after_commit(self, rows: Tables) -> None:
+        if self._pending is not None:
+            self._tail, self._pending = self._pending, None
 
 
 def iter_rows(con: duckdb.DuckDBPyConnection, batch: int = 50_000) -> Iterator[dict[str, Any]]:
-    cur = con.execute(f"SELECT {', '.join(AUDIT_COLUMNS)} FROM audit_log ORDER BY seq")
+    columns = ", ".join(f'"{c}"' for c in AUDIT_COLUMNS)
+    cur = con.execute(f"SELECT {columns} FROM audit_log ORDER BY seq")
     while chunk := cur.fetchmany(batch):
         for values in chunk:
             yield dict(zip(AUDIT_COLUMNS, values, strict=True))
@@ -224,4 +435,13 @@ def iter_rows(con: duckdb.DuckDBPyConnection, batch: int = 50_000) -> Iterator[d
 
 def verify_store(con: duckdb.DuckDBPyConnection) -> ChainReport:
     cps = con.execute("SELECT removed_ranges FROM audit_checkpoints").fetchall()
-    return verify(iter_rows(con), [{"removed_ranges": c[0]} for c in cps])
+    report = verify(iter_rows(con), [{"removed_ranges": c[0]} for c in cps])
+    # Rule 2 rows: the payload column must be what their raw bytes say (one SQL scan).
+    bad = con.execute(
+        f"SELECT min(seq) FROM audit_log WHERE hash_rule = {RULE_RAW_BYTES} "
+        f"AND payload IS DISTINCT FROM ({PAYLOAD_OF_RAW})"
+    ).fetchall()[0][0]
+    if bad is not None and (report.ok or bad < (report.first_bad_seq or 0)):
+        before = con.execute("SELECT count(*) FROM audit_log WHERE seq < ?", [bad]).fetchall()
+        return ChainReport(False, before[0][0], int(bad), "payload does not match its raw bytes")
+    return report

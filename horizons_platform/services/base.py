@@ -1,18 +1,19 @@
-"""What a service is to the consumer loop: a handler from records to rows.
+"""What a service is to the consumer loop: a handler from a batch of records to columns.
 
-A handler is pure: it turns one decoded record into rows for tables (or raises, which
-dead-letters that record). The one consumer loop does all the I/O — polling, the DuckDB
-transaction that stores rows and offsets together, the dead-letter topic — for all four.
+A handler is pure: it turns one polled batch (decoded once, column by column) into
+columns per table, or raises — the loop then hands it the records one at a time to find
+the one it cannot handle, and dead-letters that one. The one consumer loop does all the
+I/O — polling, the DuckDB transaction that stores rows and offsets together, the
+dead-letter topic — for all four.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from horizons_platform.events import Envelope, EventDecodeError
+from horizons_platform.events import EventDecodeError, EventDict, validate
 from horizons_platform.store import tables
 
 if TYPE_CHECKING:
@@ -20,39 +21,82 @@ if TYPE_CHECKING:
 
     from horizons_platform.settings import Settings
 
+# Columns per table: {table: {column: values}}, every column of a table equally long.
+Columns = dict[str, list[Any]]
+Tables = dict[str, Columns]
+
 
 @dataclass(slots=True)
-class Record:
-    """One Kafka message as the loop hands it over: coordinates, bytes, decoded event."""
+class Batch:
+    """Polled messages as columns, each decoded once: ``events[i]`` is the validated event
+    (a dict) of message ``i``, or None with ``errors[i]`` saying why it is invalid."""
 
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    timestamp_ms: int
-    event: Envelope | None = None
-    error: EventDecodeError | None = None
+    topics: list[str]
+    partitions: list[int]
+    offsets: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    timestamps: list[int]
+    events: list[EventDict | None] = field(default_factory=list)
+    errors: dict[int, EventDecodeError] = field(default_factory=dict)
 
+    def __len__(self) -> int:
+        return len(self.offsets)
 
-@dataclass
-class Rows:
-    """Rows a batch wants written, per table, in arrival order."""
+    @classmethod
+    def decode(
+        cls,
+        topics: list[str],
+        partitions: list[int],
+        offsets: list[int],
+        keys: list[bytes | None],
+        values: list[bytes | None],
+        timestamps: list[int],
+    ) -> Batch:
+        events: list[EventDict | None] = []
+        errors: dict[int, EventDecodeError] = {}
+        append = events.append
+        for i, value in enumerate(values):
+            try:
+                append(validate(value))
+            except EventDecodeError as exc:
+                append(None)
+                errors[i] = exc
+        return cls(topics, partitions, offsets, keys, values, timestamps, events, errors)
 
-    tables: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    def take(self, indices: list[int]) -> Batch:
+        """The sub-batch of messages ``indices`` (in that order)."""
+        return Batch(
+            [self.topics[i] for i in indices],
+            [self.partitions[i] for i in indices],
+            [self.offsets[i] for i in indices],
+            [self.keys[i] for i in indices],
+            [self.values[i] for i in indices],
+            [self.timestamps[i] for i in indices],
+            [self.events[i] for i in indices],
+            {n: self.errors[i] for n, i in enumerate(indices) if i in self.errors},
+        )
 
-    def add(self, table: str, row: dict[str, Any]) -> None:
-        self.tables[table].append(row)
+    def spans(self) -> dict[tuple[str, int], tuple[int, int]]:
+        """(first, last) offset of every partition in the batch."""
+        firsts: dict[tuple[str, int], int] = {}
+        lasts: dict[tuple[str, int], int] = {}
+        for tp, offset in zip(
+            zip(self.topics, self.partitions, strict=True), self.offsets, strict=True
+        ):
+            if tp not in firsts:
+                firsts[tp] = offset
+            lasts[tp] = offset
+        return {tp: (first, lasts[tp]) for tp, first in firsts.items()}
 
-    def extend(self, other: list[tuple[str, dict[str, Any]]]) -> None:
-        for table, row in other:
-            self.tables[table].append(row)
+    def next_offsets(self) -> dict[tuple[str, int], int]:
+        return {tp: last + 1 for tp, (_, last) in self.spans().items()}
 
-    def count(self) -> int:
-        return sum(len(v) for v in self.tables.values())
-
-
-Output = list[tuple[str, dict[str, Any]]]
+    def where(self, event_types: set[str] | frozenset[str]) -> list[int]:
+        """Indices of the valid events whose type is in ``event_types``."""
+        return [
+            i for i, e in enumerate(self.events) if e is not None and e["event_type"] in event_types
+        ]
 
 
 class Handler:
@@ -66,23 +110,29 @@ class Handler:
     def topics(self) -> list[str]:
         raise NotImplementedError
 
-    def handle(self, record: Record) -> Output:
-        """Rows for one valid event. Raising dead-letters the record; the loop goes on."""
+    def handle(self, batch: Batch) -> Tables:
+        """Columns per table for a batch (valid and invalid events alike: ``batch.errors``
+        are dead-lettered by the loop regardless). Raising makes the loop retry the
+        records one at a time and dead-letter those that still raise."""
         raise NotImplementedError
 
-    def handle_invalid(self, record: Record) -> Output:
-        """Rows for a record that failed decoding (it is dead-lettered regardless)."""
-        return []
+    def prepare(self, rows: Tables) -> None:
+        """Optional work on ``rows`` before the transaction, on the polling thread while
+        the previous batch is still being written (e.g. extending the audit chain
+        optimistically); :meth:`persist` must still be right if it was skipped."""
 
-    def persist(self, con: duckdb.DuckDBPyConnection, rows: Rows) -> None:
-        """Write the batch's rows inside the loop's transaction."""
-        for table, batch in rows.tables.items():
+    def persist(self, con: duckdb.DuckDBPyConnection, rows: Tables) -> None:
+        """Write the batch's columns inside the loop's transaction."""
+        for table, columns in rows.items():
             if table == "jobs":
-                tables.upsert_jobs(con, batch)
+                tables.upsert_jobs(con, columns)
             else:
-                tables.insert(con, table, batch)
+                tables.insert_columns(con, table, columns)
 
-    def after_commit(self, rows: Rows) -> None:
+    def rollback(self) -> None:
+        """The transaction that :meth:`persist` ran in was rolled back (forget its state)."""
+
+    def after_commit(self, rows: Tables) -> None:
         """Called after the batch is durable (e.g. to wake a dispatcher)."""
 
 
@@ -90,19 +140,27 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def event_row(record: Record, event: Envelope) -> dict[str, Any]:
-    """The ``job_events`` row of a valid event."""
+def rows_to_columns(rows: list[dict[str, Any]]) -> Columns:
+    """Columns of rows that all have the same keys."""
+    if not rows:
+        return {}
+    return {name: [row[name] for row in rows] for name in rows[0]}
+
+
+def job_event_columns(batch: Batch, indices: list[int], ingested_at: datetime) -> Columns:
+    """The ``job_events`` columns of the valid events ``indices``."""
+    events: list[Any] = [batch.events[i] for i in indices]
     return {
-        "event_id": str(event.event_id),
-        "event_type": event.event_type,
-        "job_id": event.job_id,
-        "occurred_at": event.occurred_at,
-        "producer": event.producer,
-        "schema_version": event.schema_version,
-        "trace_id": event.trace_id,
-        "payload": event.payload.model_dump_json(),  # type: ignore[attr-defined]
-        "topic": record.topic,
-        "partition": record.partition,
-        "offset": record.offset,
-        "ingested_at": now(),
+        "event_id": [str(e["event_id"]) for e in events],
+        "event_type": [e["event_type"] for e in events],
+        "job_id": [e["job_id"] for e in events],
+        "occurred_at": [e["occurred_at"] for e in events],
+        "producer": [e["producer"] for e in events],
+        "schema_version": [e["schema_version"] for e in events],
+        "trace_id": [e["trace_id"] for e in events],
+        "payload": [tables.to_json(e["payload"]) for e in events],
+        "topic": [batch.topics[i] for i in indices],
+        "partition": [batch.partitions[i] for i in indices],
+        "offset": [batch.offsets[i] for i in indices],
+        "ingested_at": [ingested_at] * len(indices),
     }

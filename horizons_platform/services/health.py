@@ -12,7 +12,7 @@ from horizons_platform.events import (
     CONSUMER_STOPPED,
     JOB_FAILED,
 )
-from horizons_platform.services.base import Handler, Output, Record, now
+from horizons_platform.services.base import Batch, Handler, Tables, now, rows_to_columns
 
 _SIGNALS = {
     JOB_FAILED: "job_failed",
@@ -20,6 +20,7 @@ _SIGNALS = {
     CONSUMER_STOPPED: "consumer_stopped",
     CONSUMER_BROKER_LOST: "consumer_broker_lost",
 }
+_WATCHED = frozenset(_SIGNALS)
 
 
 class HealthHandler(Handler):
@@ -28,23 +29,20 @@ class HealthHandler(Handler):
     def topics(self) -> list[str]:
         return [self.settings.topic_system_health, self.settings.topic_job_lifecycle]
 
-    def handle(self, record: Record) -> Output:
-        event: Any = record.event
-        metric = _SIGNALS.get(event.event_type)
-        if metric is None:
-            return []
-        group = getattr(event.payload, "consumer_group", None)
-        return [
-            (
-                "health_signals",
+    def handle(self, batch: Batch) -> Tables:
+        rows: list[dict[str, Any]] = []
+        observed = now()
+        for i in batch.where(_WATCHED):
+            event: Any = batch.events[i]
+            rows.append(
                 {
-                    "observed_at": now(),
-                    "source": f"event:{event.event_type}",
-                    "consumer_group": group,
-                    "topic": record.topic,
-                    "partition": record.partition,
-                    "metric": metric,
+                    "observed_at": observed,
+                    "source": f"event:{event['event_type']}",
+                    "consumer_group": event["payload"].get("consumer_group"),
+                    "topic": batch.topics[i],
+                    "partition": batch.partitions[i],
+                    "metric": _SIGNALS[event["event_type"]],
                     "value": 1.0,
-                },
+                }
             )
-        ]
+        return {"health_signals": rows_to_columns(rows)} if rows else {}

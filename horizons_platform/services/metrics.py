@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from datetime import datetime
 from statistics import quantiles
 from typing import Any
 
@@ -16,9 +17,19 @@ from horizons_platform.events import (
     JOB_METRICS,
     JOB_STARTED,
     JOB_SUBMITTED,
-    JobMetrics,
+    TERMINAL_TYPES,
+    EventDict,
 )
-from horizons_platform.services.base import Handler, Output, Record, event_row, now
+from horizons_platform.services.base import (
+    Batch,
+    Columns,
+    Handler,
+    Tables,
+    job_event_columns,
+    now,
+    rows_to_columns,
+)
+from horizons_platform.store.tables import fold_job_updates
 
 _STATUS = {
     JOB_SUBMITTED: "submitted",
@@ -86,40 +97,39 @@ class MetricsWindow:
         }
 
 
-def job_update(event: Any) -> dict[str, Any]:
+def job_update(event: EventDict, updated_at: datetime) -> dict[str, Any]:
     """The ``jobs`` columns one lifecycle event sets (None = leave as is)."""
-    p = event.payload
-    update: dict[str, Any] = {
-        "job_id": event.job_id,
-        "status": _STATUS[event.event_type],
-        "owner": getattr(p, "owner", None),
-        "job_type": getattr(p, "job_type", None),
-        "last_event_id": str(event.event_id),
-        "updated_at": now(),
-    }
-    if event.event_type == JOB_SUBMITTED:
-        update["submitted_at"] = event.occurred_at
-    elif event.event_type == JOB_STARTED:
-        update["started_at"] = event.occurred_at
-    else:
-        update["finished_at"] = event.occurred_at
-    return update
-
-
-def metrics_row(event: JobMetrics) -> dict[str, Any]:
-    p = event.payload
+    p = event["payload"]
+    kind = event["event_type"]
+    occurred = event["occurred_at"]
     return {
-        "event_id": str(event.event_id),
-        "job_id": event.job_id,
-        "job_type": p.job_type,
-        "outcome": p.outcome,
-        "duration_s": p.duration_s,
-        "queue_time_s": p.queue_time_s,
-        "cpu_hours": p.cpu_hours,
-        "bytes_processed": p.bytes_processed,
-        "peak_memory_mb": p.peak_memory_mb,
-        "occurred_at": event.occurred_at,
-        "ingested_at": now(),
+        "job_id": event["job_id"],
+        "status": _STATUS[kind],
+        "owner": p.get("owner"),
+        "job_type": p.get("job_type"),
+        "submitted_at": occurred if kind == JOB_SUBMITTED else None,
+        "started_at": occurred if kind == JOB_STARTED else None,
+        "finished_at": occurred if kind in TERMINAL_TYPES else None,
+        "last_event_id": str(event["event_id"]),
+        "updated_at": updated_at,
+    }
+
+
+def metrics_columns(events: list[Any], ingested_at: datetime) -> Columns:
+    """The ``job_metrics`` columns of job.metrics events."""
+    payloads = [e["payload"] for e in events]
+    return {
+        "event_id": [str(e["event_id"]) for e in events],
+        "job_id": [e["job_id"] for e in events],
+        "job_type": [p["job_type"] for p in payloads],
+        "outcome": [p["outcome"] for p in payloads],
+        "duration_s": [p["duration_s"] for p in payloads],
+        "queue_time_s": [p["queue_time_s"] for p in payloads],
+        "cpu_hours": [p["cpu_hours"] for p in payloads],
+        "bytes_processed": [p["bytes_processed"] for p in payloads],
+        "peak_memory_mb": [p["peak_memory_mb"] for p in payloads],
+        "occurred_at": [e["occurred_at"] for e in events],
+        "ingested_at": [ingested_at] * len(events),
     }
 
 
@@ -134,20 +144,33 @@ class MetricsHandler(Handler):
     def topics(self) -> list[str]:
         return [self.settings.topic_job_lifecycle, self.settings.topic_job_metrics]
 
-    def handle(self, record: Record) -> Output:
-        event: Any = record.event
-        if event.event_type in _STATUS:
-            return [("job_events", event_row(record, event)), ("jobs", job_update(event))]
-        if event.event_type == JOB_METRICS:
-            p = event.payload
-            self.window.add(
-                event.job_id,
-                WindowEntry(time.monotonic(), p.job_type, p.outcome, p.duration_s, p.queue_time_s),
-            )
-            return [("job_events", event_row(record, event)), ("job_metrics", metrics_row(event))]
-        raise ValueError(f"metrics service cannot handle {event.event_type!r} on {record.topic}")
+    def handle(self, batch: Batch) -> Tables:
+        stamp = now()
+        known = [i for i, e in enumerate(batch.events) if e is not None]
+        for i in known:
+            kind = batch.events[i]["event_type"]  # type: ignore[index]
+            if kind not in _STATUS and kind != JOB_METRICS:
+                raise ValueError(f"metrics service cannot handle {kind!r} on {batch.topics[i]}")
+        out: Tables = {"job_events": job_event_columns(batch, known, stamp)}
+        lifecycle = [e for e in batch.events if e is not None and e["event_type"] in _STATUS]
+        if lifecycle:
+            folded = fold_job_updates([job_update(e, stamp) for e in lifecycle])
+            out["jobs"] = rows_to_columns(folded)
+        measured = [e for e in batch.events if e is not None and e["event_type"] == JOB_METRICS]
+        if measured:
+            out["job_metrics"] = metrics_columns(measured, stamp)
+            seen = time.monotonic()
+            for e in measured:
+                p = e["payload"]
+                self.window.add(
+                    e["job_id"],
+                    WindowEntry(
+                        seen, p["job_type"], p["outcome"], p["duration_s"], p["queue_time_s"]
+                    ),
+                )
+        return out
 
-    def after_commit(self, rows: Any) -> None:
+    def after_commit(self, rows: Tables) -> None:
         if time.monotonic() - self._last_clear > 10:
             self.window.clear_old_metrics()
             self._last_clear = time.monotonic()

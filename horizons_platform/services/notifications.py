@@ -15,9 +15,9 @@ from horizons_platform.events import (
     JOB_COMPLETED,
     JOB_FAILED,
     JOB_SUBMITTED,
-    Envelope,
+    EventDict,
 )
-from horizons_platform.services.base import Handler, Output, Record, now
+from horizons_platform.services.base import Batch, Handler, Tables, now, rows_to_columns
 
 _NAMESPACE = uuid.UUID("6f1c3f0e-6d38-4c8e-9a55-8c1e6f3a2b10")
 KINDS = {
@@ -48,56 +48,57 @@ def header_safe(text: str, limit: int = HEADER_MAX) -> str:
     return clean if len(clean) <= limit else clean[: limit - 1] + "…"
 
 
-def render(event: Envelope, kind: str) -> tuple[str, str]:
-    """Subject and body of the e-mail for one lifecycle event."""
-    p: Any = event.payload  # type: ignore[attr-defined]
-    subject = header_safe(f"[horizons] job {event.job_id} {kind}")
+def render(event: EventDict, kind: str) -> tuple[str, str]:
+    """Subject and body of the e-mail for one lifecycle event (a validated event dict)."""
+    p = event["payload"]
+    job_id = event["job_id"]
+    subject = header_safe(f"[horizons] job {job_id} {kind}")
     lines = [
-        f"Your {p.job_type} job {event.job_id} {kind} at {event.occurred_at.isoformat()}.",
+        f"Your {p['job_type']} job {job_id} {kind} at {event['occurred_at'].isoformat()}.",
     ]
     if kind == "failed":
+        exit_code = p.get("exit_code")
         lines.append(
-            f"Error: {p.error}" + (f" (exit code {p.exit_code})" if p.exit_code is not None else "")
+            f"Error: {p['error']}" + (f" (exit code {exit_code})" if exit_code is not None else "")
         )
-    elif kind == "cancelled" and p.reason:
-        lines.append(f"Reason: {p.reason}" + (f" (by {p.cancelled_by})" if p.cancelled_by else ""))
-    elif kind == "completed" and p.output_bytes:
-        lines.append(f"Output: {p.output_bytes} bytes.")
-    lines.append(f"Event id: {event.event_id}")
+    elif kind == "cancelled" and p.get("reason"):
+        by = p.get("cancelled_by")
+        lines.append(f"Reason: {p['reason']}" + (f" (by {by})" if by else ""))
+    elif kind == "completed" and p.get("output_bytes"):
+        lines.append(f"Output: {p['output_bytes']} bytes.")
+    lines.append(f"Event id: {event['event_id']}")
     return subject, "\n".join(lines) + "\n"
 
 
 class NotificationHandler(Handler):
     group = "notifications"
 
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        wanted = {JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED}
+        if settings.notify_on_submit:
+            wanted.add(JOB_SUBMITTED)
+        self.kinds = frozenset(wanted)
+
     def topics(self) -> list[str]:
         return [self.settings.topic_job_lifecycle]
 
-    def kinds(self) -> set[str]:
-        wanted = {JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED}
-        if self.settings.notify_on_submit:
-            wanted.add(JOB_SUBMITTED)
-        return wanted
-
-    def handle(self, record: Record) -> Output:
-        event = record.event
-        assert event is not None
-        if event.event_type not in self.kinds():
-            return []
-        kind = KINDS[event.event_type]
-        nid = notification_id(str(event.event_id), kind)
-        subject, body = render(event, kind)
+    def handle(self, batch: Batch) -> Tables:
+        rows: list[dict[str, Any]] = []
         created = now()
-        return [
-            ("notification_queue", {"notification_id": nid, "next_attempt_at": created}),
-            (
-                "notifications",
+        for i in batch.where(self.kinds):
+            event: Any = batch.events[i]
+            kind = KINDS[event["event_type"]]
+            event_id = str(event["event_id"])
+            nid = notification_id(event_id, kind)
+            subject, body = render(event, kind)
+            rows.append(
                 {
                     "notification_id": nid,
-                    "event_id": str(event.event_id),
-                    "job_id": event.job_id,
+                    "event_id": event_id,
+                    "job_id": event["job_id"],
                     "kind": kind,
-                    "recipient": event.payload.owner,  # type: ignore[attr-defined]
+                    "recipient": event["payload"]["owner"],
                     "subject": subject,
                     "body": body,
                     "message_id": message_id(nid),
@@ -105,14 +106,18 @@ class NotificationHandler(Handler):
                     "attempts": 0,
                     "created_at": created,
                     "next_attempt_at": created,
-                    "sent_at": None,
-                    "error": None,
-                },
+                }
             )
-        ]
+        if not rows:
+            return {}
+        ids = [r["notification_id"] for r in rows]
+        return {
+            "notification_queue": {"notification_id": ids, "next_attempt_at": [created] * len(ids)},
+            "notifications": rows_to_columns(rows),
+        }
 
-    def after_commit(self, rows: Any) -> None:
-        if rows.tables.get("notifications") and self.on_new_notifications is not None:
+    def after_commit(self, rows: Tables) -> None:
+        if rows.get("notifications") and self.on_new_notifications is not None:
             self.on_new_notifications()
 
     # Set by the host to wake the outbox dispatcher without waiting for its next tick.

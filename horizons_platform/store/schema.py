@@ -200,6 +200,15 @@ MIGRATIONS: list[tuple[int, str]] = [
         FROM notifications WHERE status IN ('pending', 'sending');
         """,
     ),
+    (
+        3,
+        # The audit hash moves to SHA-256 over the raw bytes and the record's coordinates
+        # (services/audit.py, rule 2); rows written before keep verifying under rule 1.
+        """
+        ALTER TABLE audit_log ADD COLUMN hash_rule INTEGER;
+        UPDATE audit_log SET hash_rule = 1;
+        """,
+    ),
 ]
 
 

@@ -1,7 +1,8 @@
 """Bulk writes and the few reads the consumers need, all through Arrow.
 
-Rows arrive as lists of dicts (one shape per table per batch); they become one Arrow
-table and one ``INSERT … SELECT`` — never row-by-row inserts on the hot path.
+Rows arrive as columns (the consumers' batches) or as lists of dicts (everyone else);
+they become one Arrow table and one ``INSERT … SELECT`` — never row-by-row inserts on
+the hot path.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+from pydantic_core import to_json as _to_json
 
 # Primary/unique key per table; an insert that meets an existing key is a no-op, which
 # makes every replay of an already-stored event harmless.
@@ -33,6 +35,32 @@ def _q(column: str) -> str:
     return f'"{column}"'
 
 
+def to_json(value: Any) -> str:
+    """JSON text of a decoded value (a payload), as pydantic validated it."""
+    return _to_json(value).decode()
+
+
+def insert_columns(
+    con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, list[Any]]
+) -> int:
+    """Insert columns (equal-length lists); existing keys are skipped."""
+    arrow = pa.table(columns)
+    if not arrow.num_rows:
+        return 0
+    return _insert_arrow(con, table, arrow)
+
+
+def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow: pa.Table) -> int:
+    conflict = " ON CONFLICT DO NOTHING" if TABLE_KEYS.get(table) else ""
+    cols = ", ".join(_q(c) for c in arrow.column_names)
+    con.register("_horizons_batch", arrow)
+    try:
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _horizons_batch{conflict}")
+    finally:
+        con.unregister("_horizons_batch")
+    return arrow.num_rows
+
+
 def insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[dict[str, Any]]) -> int:
     """Insert ``rows`` (all with the same keys); existing keys are skipped."""
     if not rows:
@@ -42,14 +70,7 @@ def insert(con: duckdb.DuckDBPyConnection, table: str, rows: Sequence[dict[str, 
         columns = list(rows[0])
         con.insert_rows(table, columns, [[r[c] for c in columns] for r in rows], conflict)
         return len(rows)
-    arrow = pa.Table.from_pylist(list(rows))
-    cols = ", ".join(_q(c) for c in arrow.column_names)
-    con.register("_horizons_batch", arrow)
-    try:
-        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _horizons_batch{conflict}")
-    finally:
-        con.unregister("_horizons_batch")
-    return len(rows)
+    return _insert_arrow(con, table, pa.Table.from_pylist(list(rows)))
 
 
 _JOB_COLUMNS = (
@@ -87,9 +108,15 @@ def fold_job_updates(updates: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def upsert_jobs(con: duckdb.DuckDBPyConnection, updates: Sequence[dict[str, Any]]) -> int:
-    rows = fold_job_updates(updates)
-    if not rows:
+def upsert_jobs(
+    con: duckdb.DuckDBPyConnection, updates: Sequence[dict[str, Any]] | dict[str, list[Any]]
+) -> int:
+    """Upsert job updates: rows (folded here) or columns already folded (one row a job)."""
+    columns = updates if isinstance(updates, dict) else None
+    if columns is None:
+        rows = fold_job_updates(updates)  # type: ignore[arg-type]
+        columns = {name: [r[name] for r in rows] for name in _JOB_COLUMNS}
+    if not columns or not columns["job_id"]:
         return 0
     schema = pa.schema(
         [
@@ -106,7 +133,7 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, updates: Sequence[dict[str, Any]
             ("updated_at", pa.timestamp("us", tz="UTC")),
         ]
     )
-    con.register("_horizons_jobs", pa.Table.from_pylist(rows, schema=schema))
+    con.register("_horizons_jobs", pa.table({n: columns[n] for n in _JOB_COLUMNS}, schema))
     try:
         # Later events fill in what earlier ones left empty; durations are derived from
         # whichever side (batch or table) knows the start and the finish.
@@ -134,7 +161,7 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, updates: Sequence[dict[str, Any]
         )
     finally:
         con.unregister("_horizons_jobs")
-    return len(rows)
+    return len(columns["job_id"])
 
 
 def save_offsets(

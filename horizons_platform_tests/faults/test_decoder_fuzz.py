@@ -10,18 +10,17 @@ from hypothesis import given
 
 from horizons_platform import events as ev
 from horizons_platform.bench.faults import poison
-from horizons_platform.services.audit import audit_row
-from horizons_platform.services.base import Record
+from horizons_platform.services.audit import _AUDIT_SCHEMA, audit_columns, chain_columns
+from horizons_platform.services.base import Batch, now
 from horizons_platform_tests.faults.strategies import broken_events, payloads
 
 
-def _record(raw: bytes | None) -> Record:
-    record = Record("job-lifecycle", 0, 0, None, raw, 0)
-    try:
-        record.event = ev.decode(raw)
-    except ev.EventDecodeError as exc:
-        record.error = exc
-    return record
+def _audit_table(raw: bytes | None) -> pa.Table:
+    """What the auditor makes of one message, as the Arrow table it would insert."""
+    batch = Batch.decode(["job-lifecycle"], [0], [0], [None], [raw], [0])
+    columns = audit_columns(batch, now())
+    chain_columns(columns, 0, None)
+    return pa.table({f.name: columns[f.name] for f in _AUDIT_SCHEMA}, _AUDIT_SCHEMA)
 
 
 @given(payloads)
@@ -40,12 +39,24 @@ def test_broken_events_are_rejected(raw: bytes) -> None:
 
 
 @given(payloads)
+def test_validate_and_decode_agree_on_every_input(raw: bytes) -> None:
+    """The hot path's dict validator and the models give one verdict, one error."""
+    try:
+        model = ev.decode(raw)
+    except ev.EventDecodeError as exc:
+        with pytest.raises(ev.EventDecodeError) as again:
+            ev.validate(raw)
+        assert (str(again.value), again.value.kind) == (str(exc), exc.kind)
+    else:
+        assert ev.validate(raw) == model.model_dump()
+
+
+@given(payloads)
 def test_the_auditor_can_store_whatever_it_receives(raw: bytes) -> None:
-    pa.Table.from_pylist([audit_row(_record(raw))])
+    _audit_table(raw)
 
 
 @pytest.mark.parametrize("name", list(poison.HOSTILE))
 def test_hostile_input_still_yields_a_storable_audit_row(name: str) -> None:
-    row = audit_row(_record(poison.HOSTILE[name]))
-    assert row["valid"] is False
-    pa.Table.from_pylist([row])
+    table = _audit_table(poison.HOSTILE[name])
+    assert table.column("valid").to_pylist() == [False]

@@ -60,7 +60,8 @@ def test_scenario_16_hash_covers_identity_and_changes_with_the_record(
         ("event_id", "00000000-0000-0000-0000-000000000000"),
         ("job_id", "c-999"),
         ("occurred_at", row["occurred_at"] + timedelta(seconds=1)),
-        ("payload", '{"owner": "mallory@example"}'),
+        ("raw", row["raw"].replace(b"imaging", b"imagine")),
+        ("recorded_at", row["recorded_at"] + timedelta(microseconds=1)),
     ]:
         assert audit.link(row["prev_hash"], {**row, field: value}) != row["hash"], field
     first = _verify_cli(settings)
@@ -74,9 +75,21 @@ def test_scenario_16_hash_covers_identity_and_changes_with_the_record(
     result = _verify_cli(settings)
     assert result.returncode == 1
     assert f"seq {row['seq']}" in result.stdout and "content does not match" in result.stdout
-    # Restore, then delete a different row: the gap is reported.
+    # The payload column is DuckDB's view of the hashed raw bytes: an edit shows too.
     with store.transaction() as con:
         con.execute("UPDATE audit_log SET job_id = 'c-2' WHERE seq = ?", [row["seq"]])
+        con.execute(
+            """UPDATE audit_log SET payload = '{"owner": "mallory@example"}' WHERE seq = ?""",
+            [row["seq"]],
+        )
+    result = _verify_cli(settings)
+    assert result.returncode == 1
+    assert f"seq {row['seq']}" in result.stdout and "payload does not match" in result.stdout
+    # Restore, then delete a different row: the gap is reported.
+    with store.transaction() as con:
+        con.execute(
+            f"UPDATE audit_log SET payload = ({audit.PAYLOAD_OF_RAW}) WHERE seq = ?", [row["seq"]]
+        )
         con.execute("DELETE FROM audit_log WHERE seq = 7")
     result = _verify_cli(settings)
     assert result.returncode == 1 and "seq 8" in result.stdout and "missing" in result.stdout

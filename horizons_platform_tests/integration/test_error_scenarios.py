@@ -15,7 +15,7 @@ from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.kafka.consumer import EXIT_BROKER_LOST, ConsumerLoop
 from horizons_platform.kafka.producer import Publisher
-from horizons_platform.services.base import Output, Record
+from horizons_platform.services.base import Batch, Tables
 from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import SERVICE_GROUPS, Settings
@@ -39,10 +39,10 @@ def _rows(store: Store, sql: str, params: list[object] | None = None) -> list[tu
 class ExplodingMetrics(MetricsHandler):
     """The real metrics handler, except that it throws on one job (a handler bug)."""
 
-    def handle(self, record: Record) -> Output:
-        if record.event is not None and record.event.job_id == "poison":
+    def handle(self, batch: Batch) -> Tables:
+        if any(e is not None and e["job_id"] == "poison" for e in batch.events):
             raise RuntimeError("handler bug: cannot process poison")
-        return super().handle(record)
+        return super().handle(batch)
 
 
 def test_scenario_6_a_throwing_handler_does_not_stop_the_consumer(

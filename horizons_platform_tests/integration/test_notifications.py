@@ -23,7 +23,7 @@ from horizons_platform import events as ev
 from horizons_platform.host import Host
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.runtime.outbox import OutboxDispatcher
-from horizons_platform.services.base import Record, Rows
+from horizons_platform.services.base import Batch
 from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
@@ -189,9 +189,8 @@ def _queue_one(owner: StoreOwner, settings: Settings, job_id: str) -> None:
         job_id=job_id,
         payload={"owner": "tls@observatory.example", "job_type": "imaging"},
     )
-    record = Record("t", 0, 0, None, ev.encode(event), 0, event=event)
-    rows = Rows()
-    rows.extend(NotificationHandler(settings).handle(record))
+    batch = Batch.decode(["t"], [0], [0], [None], [ev.encode(event)], [0])
+    rows = NotificationHandler(settings).handle(batch)
     with owner.transaction() as con:
         NotificationHandler(settings).persist(con, rows)
 

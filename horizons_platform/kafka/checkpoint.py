@@ -1,0 +1,230 @@
+"""One batch made durable: the handler's rows, the dead letters and the group's next
+offsets in ONE store transaction (quix-streams' Checkpoint, for one batch at a time).
+
+No Kafka in here — dead letters leave through a callback — so fencing and the
+one-by-one isolation of a bad record are unit-tested against a DuckDB file alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+
+from horizons_platform.events import EventDecodeError
+from horizons_platform.services.audit import safe_text
+from horizons_platform.services.base import Batch, Handler, Tables, now
+from horizons_platform.store import tables
+from horizons_platform.store.base import StoreBase, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class DeadLetter:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    error_class: str
+    error_message: str
+
+
+@dataclass
+class Counters:
+    """What the health rules read (flushed to ``health_signals`` about once a second)."""
+
+    processed: int = 0
+    errors: int = 0
+    dead_letters: int = 0
+
+    def take(self) -> dict[str, int]:
+        out = {
+            "processed": self.processed,
+            "errors": self.errors,
+            "dead_letters": self.dead_letters,
+        }
+        self.processed = self.errors = self.dead_letters = 0
+        return out
+
+
+@dataclass
+class Checkpoint:
+    handler: Handler
+    store: StoreBase
+    # Sends dead letters to the DLQ topic before their transaction (at-least-once there;
+    # the dead_letters table is exactly-once with the batch).
+    send_dead_letters: Callable[[list[DeadLetter]], None] = lambda letters: None
+    # Extra rows for the same transaction (the loop's health signals), taken per write.
+    extra_rows: Callable[[], Tables] = dict
+    counters: Counters = field(default_factory=Counters)
+
+    @property
+    def group(self) -> str:
+        return self.handler.group
+
+    def prepare(self, batch: Batch) -> Tables | None:
+        """The handler's rows for ``batch`` (None: the handler raised; :meth:`commit`
+        then isolates the record). Runs on the polling thread."""
+        try:
+            rows = self.handler.handle(batch)
+            self.handler.prepare(rows)
+        except Exception as exc:
+            log.warning("%s: handler failed on a batch (%r); isolating the record", self.group, exc)
+            return None
+        return rows
+
+    def commit(self, batch: Batch, rows: Tables | None = None) -> dict[tuple[str, int], int]:
+        """Store ``batch`` (with the rows :meth:`prepare` made, or made here); returns the
+        next offsets to commit to Kafka. Only a store failure that is not about one record
+        escapes (the batch is then not stored)."""
+        self.counters.processed += len(batch)
+        if rows is None:
+            rows = self.prepare(batch)
+        if rows is None:
+            self._one_by_one(batch)
+            return batch.next_offsets()
+        letters = [self._invalid(batch, i) for i in sorted(batch.errors)]
+        try:
+            self._write(batch, rows, letters)
+        except Exception as exc:
+            if is_store_failure(exc):
+                raise
+            # One record's rows broke the batch (a constraint, a value the store refuses):
+            # find it, one by one.
+            log.warning("%s: batch write failed (%r); isolating the record", self.group, exc)
+            self._one_by_one(batch)
+        return batch.next_offsets()
+
+    # --- the transaction -------------------------------------------------------------------
+
+    def _write(self, batch: Batch, rows: Tables, letters: list[DeadLetter]) -> None:
+        self.send_dead_letters(letters)
+        spans = batch.spans()
+        next_offsets = {tp: last + 1 for tp, (_, last) in spans.items()}
+        extra = self.extra_rows()
+
+        def work(con: Any) -> None:
+            # Fencing: a member that lost its partitions without noticing (a zombie after
+            # a session timeout) may hold a batch another member already stored. Anything
+            # below the stored offsets is dropped here, for every table at once.
+            stored = tables.stored_offsets(con, self.group)
+            if any(first < stored.get(tp, -1) for tp, (first, _) in spans.items()):
+                fresh = [
+                    i
+                    for i, tp in enumerate(zip(batch.topics, batch.partitions, strict=True))
+                    if batch.offsets[i] >= stored.get(tp, -1)
+                ]
+                log.warning(
+                    "%s: fenced %d records already stored by another member",
+                    self.group,
+                    len(batch) - len(fresh),
+                )
+                sub = batch.take(fresh)
+                self.handler.persist(con, self.handler.handle(sub) if fresh else {})
+                kept = set(zip(sub.topics, sub.partitions, sub.offsets, strict=True))
+                live = [d for d in letters if (d.topic, d.partition, d.offset) in kept]
+            else:
+                self.handler.persist(con, dict(rows))
+                live = letters
+            tables.insert(con, "dead_letters", [self._dead_row(d) for d in live])
+            for table, columns in extra.items():
+                tables.insert_columns(con, table, columns)
+            tables.save_offsets(
+                con, self.group, {tp: max(o, stored.get(tp, 0)) for tp, o in next_offsets.items()}
+            )
+
+        try:
+            # Groups commit side by side (MVCC); a write-write conflict retries the batch.
+            self.store.write(work)
+        except BaseException:
+            self.handler.rollback()
+            raise
+        self.counters.dead_letters += len(letters)
+        self.handler.after_commit(rows)
+
+    def _one_by_one(self, batch: Batch) -> None:
+        for i in range(len(batch)):
+            one = batch.take([i])
+            letters = [self._invalid(one, 0)] if one.errors else []
+            try:
+                rows = self.handler.handle(one)
+            except Exception as exc:  # a handler bug: dead-letter this record, go on
+                self.counters.errors += 1
+                log.warning(
+                    "%s: handler error at %s[%d]@%d: %r",
+                    self.group,
+                    one.topics[0],
+                    one.partitions[0],
+                    one.offsets[0],
+                    exc,
+                )
+                self._write(one, {}, [_letter(one, type(exc).__name__, str(exc) or repr(exc))])
+                continue
+            try:
+                self._write(one, rows, letters)
+            except Exception as exc:
+                if is_store_failure(exc):
+                    raise
+                # The store refuses this record's rows: it is invalid after all. The
+                # handler sees it as such (the auditor still records it, flagged).
+                self.counters.errors += 1
+                reason = f"store rejected rows: {exc}"
+                one.events[0] = None
+                one.errors[0] = EventDecodeError(safe_text(reason), kind="rejected")
+                letter = _letter(one, type(exc).__name__, reason)
+                try:
+                    self._write(one, self.handler.handle(one), [letter])
+                except Exception as again:
+                    if is_store_failure(again):
+                        raise
+                    self._write(one, {}, [letter])
+
+    # --- dead letters ----------------------------------------------------------------------
+
+    @staticmethod
+    def _invalid(batch: Batch, i: int) -> DeadLetter:
+        error = batch.errors[i]
+        return _letter(batch.take([i]), f"EventDecodeError.{error.kind}", str(error))
+
+    def _dead_row(self, d: DeadLetter) -> dict[str, Any]:
+        return {
+            "consumer_group": self.group,
+            "topic": d.topic,
+            "partition": d.partition,
+            "offset": d.offset,
+            "error_class": d.error_class,
+            "error_message": d.error_message,
+            "raw": d.value,
+            "key": d.key,
+            "received_at": now(),
+        }
+
+
+def _letter(one: Batch, error_class: str, message: str) -> DeadLetter:
+    return DeadLetter(
+        one.topics[0],
+        one.partitions[0],
+        one.offsets[0],
+        one.keys[0],
+        one.values[0],
+        error_class,
+        safe_text(message),
+    )
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """A failure of the store itself (I/O, memory, a lost connection, a database DuckDB
+    invalidated), not of one record: never dead-lettered, the batch is not stored."""
+    return isinstance(
+        exc,
+        duckdb.IOException
+        | duckdb.OutOfMemoryException
+        | duckdb.ConnectionException
+        | duckdb.FatalException
+        | StoreUnavailable,
+    )

@@ -1,0 +1,188 @@
+"""The batch commit without a broker: fencing, one-by-one isolation of a bad record, the
+auditor's chain across batches, and a store failure that must not dead-letter anything
+(a DuckDB file in tmp_path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from horizons_platform import events as ev
+from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter
+from horizons_platform.services.audit import AuditHandler, verify_store
+from horizons_platform.services.base import Batch, Handler, Tables, now, rows_to_columns
+from horizons_platform.settings import Settings
+from horizons_platform.store import tables
+from horizons_platform.store.client import Store
+
+TOPIC = "job-lifecycle"
+
+
+class Signals(Handler):
+    """A minimal handler: one health_signals row per valid event; a job named 'null'
+    yields a row the store refuses (metric NOT NULL), a job named 'bug' raises."""
+
+    group = "unit"
+
+    def topics(self) -> list[str]:
+        return [TOPIC]
+
+    def handle(self, batch: Batch) -> Tables:
+        rows = []
+        for i, e in enumerate(batch.events):
+            if e is None:
+                continue
+            if e["job_id"] == "bug":
+                raise RuntimeError("handler bug")
+            rows.append(
+                {
+                    "observed_at": now(),
+                    "source": "unit",
+                    "consumer_group": "unit",
+                    "topic": batch.topics[i],
+                    "partition": batch.partitions[i],
+                    "metric": None if e["job_id"] == "null" else e["job_id"],
+                    "value": float(batch.offsets[i]),
+                }
+            )
+        return {"health_signals": rows_to_columns(rows)} if rows else {}
+
+
+def _event(job: str) -> bytes:
+    event = ev.new_event(
+        ev.JobSubmitted,
+        producer="unit",
+        job_id=job,
+        payload={"owner": "unit@observatory.example", "job_type": "imaging"},
+    )
+    return ev.encode(event)
+
+
+def _batch(values: list[bytes], first_offset: int = 0, partition: int = 0) -> Batch:
+    n = len(values)
+    offsets = list(range(first_offset, first_offset + n))
+    return Batch.decode([TOPIC] * n, [partition] * n, offsets, [None] * n, list(values), [0] * n)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(Settings(var_dir=tmp_path / "var"))  # type: ignore[call-arg]
+    s.ensure_schema()
+    return s
+
+
+def _checkpoint(handler: Handler, store: Store, sent: list[DeadLetter]) -> Checkpoint:
+    return Checkpoint(handler, store, send_dead_letters=sent.extend)
+
+
+def _stored_metrics(store: Store) -> list[str]:
+    return [r[0] for r in store.query("SELECT metric FROM health_signals ORDER BY value")[1]]
+
+
+def test_a_batch_and_its_offsets_are_one_transaction(store: Store) -> None:
+    sent: list[DeadLetter] = []
+    offsets = _checkpoint(Signals(store.settings), store, sent).commit(
+        _batch([_event("a"), b"not json", _event("b")])
+    )
+    assert offsets == {(TOPIC, 0): 3}
+    assert _stored_metrics(store) == ["a", "b"]
+    with store.reader() as con:
+        assert tables.stored_offsets(con, "unit") == {(TOPIC, 0): 3}
+    assert [(d.offset, d.error_class) for d in sent] == [(1, "EventDecodeError.malformed")]
+    assert store.query('SELECT "offset", error_class FROM dead_letters')[1] == [
+        (1, "EventDecodeError.malformed")
+    ]
+
+
+def test_records_below_the_stored_offsets_are_fenced(store: Store) -> None:
+    # Another member already stored offsets 0-4 of this partition.
+    store.write(lambda con: tables.save_offsets(con, "unit", {(TOPIC, 0): 5}))
+    sent: list[DeadLetter] = []
+    batch = _batch([_event(f"j{i}") for i in range(3, 8)], first_offset=3)
+    _checkpoint(Signals(store.settings), store, sent).commit(batch)
+    assert _stored_metrics(store) == ["j5", "j6", "j7"]
+    with store.reader() as con:
+        assert tables.stored_offsets(con, "unit") == {(TOPIC, 0): 8}
+    # A replay of the same batch is a no-op.
+    _checkpoint(Signals(store.settings), store, sent).commit(batch)
+    assert _stored_metrics(store) == ["j5", "j6", "j7"]
+
+
+def test_a_record_the_store_refuses_is_dead_lettered_alone(store: Store) -> None:
+    sent: list[DeadLetter] = []
+    cp = _checkpoint(Signals(store.settings), store, sent)
+    cp.commit(_batch([_event("a"), _event("null"), _event("b")]))
+    assert _stored_metrics(store) == ["a", "b"]
+    (letter,) = store.query('SELECT "offset", error_class, error_message FROM dead_letters')[1]
+    assert letter[0] == 1 and letter[1] == "ConstraintException"
+    assert "store rejected rows" in letter[2] and "metric" in letter[2]
+    assert cp.counters.take() == {"processed": 3, "errors": 1, "dead_letters": 1}
+
+
+def test_a_handler_bug_dead_letters_only_its_record(store: Store) -> None:
+    sent: list[DeadLetter] = []
+    _checkpoint(Signals(store.settings), store, sent).commit(
+        _batch([_event("a"), _event("bug"), _event("b")])
+    )
+    assert _stored_metrics(store) == ["a", "b"]
+    assert [(d.offset, d.error_class) for d in sent] == [(1, "RuntimeError")]
+
+
+def test_a_store_failure_stores_nothing_and_dead_letters_nothing(store: Store) -> None:
+    class BrokenStore(Signals):
+        def persist(self, con: Any, rows: Tables) -> None:
+            raise duckdb.IOException("disk gone")
+
+    sent: list[DeadLetter] = []
+    with pytest.raises(duckdb.IOException):
+        _checkpoint(BrokenStore(store.settings), store, sent).commit(_batch([_event("a")]))
+    assert store.scalar("SELECT count(*) FROM dead_letters") == 0
+    assert store.scalar("SELECT count(*) FROM consumer_offsets") == 0
+
+
+def test_the_auditor_chains_every_record_across_batches(store: Store) -> None:
+    sent: list[DeadLetter] = []
+    auditor = AuditHandler(store.settings)
+    cp = _checkpoint(auditor, store, sent)
+    cp.commit(_batch([_event("a"), b'{"event_type": "job.started"}', _event("b")]))
+    cp.commit(_batch([_event("c")], first_offset=3))
+    # A second auditor (a restarted host) continues the same chain from the store.
+    _checkpoint(AuditHandler(store.settings), store, sent).commit(
+        _batch([_event("d")], first_offset=4)
+    )
+    rows = store.query(
+        "SELECT seq, job_id, valid, validation_error, payload->>'owner' FROM audit_log ORDER BY seq"
+    )[1]
+    assert [r[:3] for r in rows] == [
+        (1, "a", True),
+        (2, None, False),
+        (3, "b", True),
+        (4, "c", True),
+        (5, "d", True),
+    ]
+    assert "event_id" in rows[1][3] and rows[0][4] == "unit@observatory.example"
+    with store.reader() as con:
+        report = verify_store(con)
+    assert report.ok and report.checked == 5
+    assert [d.offset for d in sent] == [1]
+
+
+def test_a_chain_prepared_on_a_stale_tail_is_chained_again(store: Store) -> None:
+    sent: list[DeadLetter] = []
+    first = _checkpoint(AuditHandler(store.settings), store, sent)
+    first.commit(_batch([_event("a"), _event("b")]))
+    later = _batch([_event("c")], first_offset=2)
+    prepared = first.prepare(later)  # chained after "b", optimistically
+    assert prepared is not None and prepared["audit_log"]["seq"] == [3]
+    # Meanwhile another writer extends the chain (a takeover, a retried batch …).
+    _checkpoint(AuditHandler(store.settings), store, sent).commit(
+        _batch([_event("x")], partition=1)
+    )
+    first.commit(later, prepared)
+    rows = store.query("SELECT seq, job_id FROM audit_log ORDER BY seq")[1]
+    assert rows == [(1, "a"), (2, "b"), (3, "x"), (4, "c")]
+    with store.reader() as con:
+        assert verify_store(con).ok
