@@ -23,6 +23,10 @@ from horizons_platform.store.base import StoreBase, StoreUnavailable
 log = logging.getLogger(__name__)
 
 
+class _SlowPath(Exception):
+    """The one-statement offset update found a partition it cannot simply advance."""
+
+
 @dataclass(slots=True)
 class DeadLetter:
     topic: str
@@ -108,17 +112,30 @@ class Checkpoint:
         next_offsets = {tp: last + 1 for tp, (_, last) in spans.items()}
         extra = self.extra_rows()
 
+        dedupe = False  # first without ON CONFLICT: replays of a stored key are rare
+
         def work(con: Any) -> None:
+            # The usual case in one statement: every partition's stored offset is at or
+            # below the batch's first record, and moves to the batch's end.
+            if not tables.advance_offsets(con, self.group, spans):
+                raise _SlowPath
+            self.handler.persist(con, dict(rows), dedupe=dedupe)
+            tables.insert(con, "dead_letters", [self._dead_row(d) for d in letters])
+            for table, columns in extra.items():
+                tables.insert_columns(con, table, columns)
+
+        def fenced_work(con: Any) -> None:
             # Fencing: a member that lost its partitions without noticing (a zombie after
             # a session timeout) may hold a batch another member already stored. Anything
-            # below the stored offsets is dropped here, for every table at once.
+            # below the stored offsets is dropped here, for every table at once. (Also
+            # the way in for a partition the store has no offset for yet.)
             stored = tables.stored_offsets(con, self.group)
-            if any(first < stored.get(tp, -1) for tp, (first, _) in spans.items()):
-                fresh = [
-                    i
-                    for i, tp in enumerate(zip(batch.topics, batch.partitions, strict=True))
-                    if batch.offsets[i] >= stored.get(tp, -1)
-                ]
+            fresh = [
+                i
+                for i, tp in enumerate(zip(batch.topics, batch.partitions, strict=True))
+                if batch.offsets[i] >= stored.get(tp, -1)
+            ]
+            if len(fresh) < len(batch):
                 log.warning(
                     "%s: fenced %d records already stored by another member",
                     self.group,
@@ -140,7 +157,19 @@ class Checkpoint:
 
         try:
             # Groups commit side by side (MVCC); a write-write conflict retries the batch.
-            self.store.write(work)
+            try:
+                self.store.write(work)
+            except _SlowPath:
+                self.handler.rollback()
+                self.store.write(fenced_work)
+            except duckdb.ConstraintException as exc:
+                if not tables.is_duplicate_key(exc):
+                    raise
+                # An event stored before (re-published, replayed): the same batch again,
+                # skipping the keys that exist.
+                self.handler.rollback()
+                dedupe = True
+                self.store.write(work)
         except BaseException:
             self.handler.rollback()
             raise

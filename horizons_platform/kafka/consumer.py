@@ -69,7 +69,7 @@ class ConsumerLoop:
         self.stats = self.checkpoint.counters
         # One writer thread: batch N's transaction runs there while batch N+1 is polled.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.group}")
-        self._in_flight: Future[dict[tuple[str, int], int]] | None = None
+        self._in_flight: Future[None] | None = None
         config: dict[str, object] = {
             "group.id": self.group,
             "client.id": self._client_id,
@@ -116,7 +116,7 @@ class ConsumerLoop:
                 if batch is not None:
                     rows = self.checkpoint.prepare(batch)
                     self._finish_in_flight()
-                    self._in_flight = self._writer.submit(self.checkpoint.commit, batch, rows)
+                    self._in_flight = self._writer.submit(self._store, batch, rows)
                 else:
                     self._finish_in_flight()
                     if self._broker_down_since is not None and self._broker_still_down():
@@ -134,13 +134,18 @@ class ConsumerLoop:
         if batch is not None:
             self._commit_to_kafka(self.checkpoint.commit(batch))
 
+    def _store(self, batch: Batch, rows: Tables | None) -> None:
+        """On the writer thread: the batch's transaction, then its offsets to Kafka at
+        once (librdkafka's commit is thread-safe), not at the next poll."""
+        self._commit_to_kafka(self.checkpoint.commit(batch, rows))
+
     def _finish_in_flight(self) -> None:
-        """Wait for the batch being written; its offsets then go to Kafka. A store
-        failure surfaces here and stops the loop without committing anything."""
+        """Wait for the batch being written. A store failure surfaces here and stops the
+        loop without committing anything."""
         if self._in_flight is None:
             return
         future, self._in_flight = self._in_flight, None
-        self._commit_to_kafka(future.result())
+        future.result()
 
     def _close(self, code: int) -> None:
         try:

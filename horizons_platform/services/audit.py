@@ -360,7 +360,7 @@ _AUDIT_SCHEMA = pa.schema(
 _INSERT_AUDIT = (
     'INSERT INTO audit_log (seq, hash_rule, topic, "partition", "offset", recorded_at, '
     "valid, event_id, job_id, event_type, occurred_at, validation_error, raw, prev_hash, "
-    f"hash, payload) SELECT *, {PAYLOAD_OF_RAW} FROM _horizons_audit"
+    f"hash, payload) SELECT *, {PAYLOAD_OF_RAW} FROM horizons_audit"
 )
 
 
@@ -395,7 +395,9 @@ class AuditHandler(Handler):
         if columns and columns["offset"] and self._expected is not None:
             self._expected = chain_columns(columns, *self._expected)
 
-    def persist(self, con: duckdb.DuckDBPyConnection, rows: Tables) -> None:
+    def persist(
+        self, con: duckdb.DuckDBPyConnection, rows: Tables, *, dedupe: bool = True
+    ) -> None:
         # Replays never reach this point: the loop fences on the stored offsets, and the
         # UNIQUE (topic, partition, offset) constraint is the last line of defence.
         columns = rows.pop("audit_log", None)
@@ -409,13 +411,12 @@ class AuditHandler(Handler):
                 self._pending = (seqs[-1], columns["hash"][-1])
             else:
                 self._pending = self._expected = chain_columns(columns, last_seq, last_hash)
-            arrow = pa.table({f.name: columns[f.name] for f in _AUDIT_SCHEMA}, _AUDIT_SCHEMA)
-            con.register("_horizons_audit", arrow)
-            try:
-                con.execute(_INSERT_AUDIT)
-            finally:
-                con.unregister("_horizons_audit")
-        super().persist(con, rows)
+            # Found by name by DuckDB (a replacement scan: no register/unregister).
+            horizons_audit = pa.table(  # noqa: F841
+                {f.name: columns[f.name] for f in _AUDIT_SCHEMA}, _AUDIT_SCHEMA
+            )
+            con.execute(_INSERT_AUDIT)
+        super().persist(con, rows, dedupe=dedupe)
 
     def rollback(self) -> None:
         self._tail = self._pending = None

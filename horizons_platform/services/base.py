@@ -26,6 +26,46 @@ Columns = dict[str, list[Any]]
 Tables = dict[str, Columns]
 
 
+class Verdicts:
+    """Validation verdicts by message bytes, shared by the groups of one host.
+
+    Up to four groups read every job-lifecycle message, and validating one is the
+    largest share of its cost; a verdict depends on the bytes alone, so the first group
+    to meet a message validates it for the others. Two generations of at most ``size``
+    entries (swapping a dict needs no lock): groups within ``size`` messages of each
+    other share, one further behind validates again. Handlers must not change the dicts.
+    """
+
+    def __init__(self, size: int = 4_000) -> None:
+        self.size = size
+        self._new: dict[bytes, EventDict | EventDecodeError] = {}
+        self._old: dict[bytes, EventDict | EventDecodeError] = {}
+
+    def lookup(self, value: bytes | None) -> EventDict | EventDecodeError:
+        if value is None:
+            return _verdict(value)
+        verdict = self._new.get(value)
+        if verdict is None:
+            verdict = self._old.get(value)
+            if verdict is None:
+                verdict = _verdict(value)
+            new = self._new
+            if len(new) >= self.size:
+                self._old, self._new = new, {}
+            self._new[value] = verdict
+        return verdict
+
+
+def _verdict(value: bytes | None) -> EventDict | EventDecodeError:
+    try:
+        return validate(value)
+    except EventDecodeError as exc:
+        return exc
+
+
+VERDICTS = Verdicts()
+
+
 @dataclass(slots=True)
 class Batch:
     """Polled messages as columns, each decoded once: ``events[i]`` is the validated event
@@ -56,12 +96,14 @@ class Batch:
         events: list[EventDict | None] = []
         errors: dict[int, EventDecodeError] = {}
         append = events.append
+        lookup = VERDICTS.lookup
         for i, value in enumerate(values):
-            try:
-                append(validate(value))
-            except EventDecodeError as exc:
+            verdict = lookup(value)
+            if isinstance(verdict, EventDecodeError):
                 append(None)
-                errors[i] = exc
+                errors[i] = verdict
+            else:
+                append(verdict)
         return cls(topics, partitions, offsets, keys, values, timestamps, events, errors)
 
     def take(self, indices: list[int]) -> Batch:
@@ -121,13 +163,14 @@ class Handler:
         the previous batch is still being written (e.g. extending the audit chain
         optimistically); :meth:`persist` must still be right if it was skipped."""
 
-    def persist(self, con: duckdb.DuckDBPyConnection, rows: Tables) -> None:
-        """Write the batch's columns inside the loop's transaction."""
+    def persist(self, con: duckdb.DuckDBPyConnection, rows: Tables, *, dedupe: bool = True) -> None:
+        """Write the batch's columns inside the loop's transaction. Without ``dedupe`` a
+        row whose key is already stored raises (the loop then writes again with it)."""
         for table, columns in rows.items():
             if table == "jobs":
                 tables.upsert_jobs(con, columns)
             else:
-                tables.insert_columns(con, table, columns)
+                tables.insert_columns(con, table, columns, dedupe=dedupe)
 
     def rollback(self) -> None:
         """The transaction that :meth:`persist` ran in was rolled back (forget its state)."""

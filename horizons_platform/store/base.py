@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -60,7 +61,9 @@ class StoreBase(ABC):
                     result = work(con)
                 took = time.monotonic() - started
                 if took > SLOW_TRANSACTION_S:
-                    log.warning("slow store transaction: %.2fs", took)
+                    log.warning(
+                        "slow store transaction: %.2fs (%s)", took, threading.current_thread().name
+                    )
                 return result
             except duckdb.Error as exc:
                 if attempt == CONFLICT_RETRIES or not is_conflict(exc):

@@ -15,6 +15,8 @@ import duckdb
 import pyarrow as pa
 from pydantic_core import to_json as _to_json
 
+from horizons_platform.store.sql import literal
+
 # Primary/unique key per table; an insert that meets an existing key is a no-op, which
 # makes every replay of an already-stored event harmless.
 # (audit_log is not here: its seq is assigned inside the write transaction, and an
@@ -41,23 +43,34 @@ def to_json(value: Any) -> str:
 
 
 def insert_columns(
-    con: duckdb.DuckDBPyConnection, table: str, columns: dict[str, list[Any]]
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    columns: dict[str, list[Any]],
+    *,
+    dedupe: bool = True,
 ) -> int:
-    """Insert columns (equal-length lists); existing keys are skipped."""
+    """Insert columns (equal-length lists); existing keys are skipped — or, with
+    ``dedupe=False``, raise ConstraintException (the caller retries with dedupe): DuckDB's
+    ON CONFLICT check costs ~40 µs a row, more than the insert itself."""
     arrow = pa.table(columns)
     if not arrow.num_rows:
         return 0
-    return _insert_arrow(con, table, arrow)
+    return _insert_arrow(con, table, arrow, dedupe)
 
 
-def _insert_arrow(con: duckdb.DuckDBPyConnection, table: str, arrow: pa.Table) -> int:
-    conflict = " ON CONFLICT DO NOTHING" if TABLE_KEYS.get(table) else ""
+def is_duplicate_key(exc: BaseException) -> bool:
+    return isinstance(exc, duckdb.ConstraintException) and "Duplicate key" in str(exc)
+
+
+def _insert_arrow(
+    con: duckdb.DuckDBPyConnection, table: str, arrow: pa.Table, dedupe: bool = True
+) -> int:
+    conflict = " ON CONFLICT DO NOTHING" if dedupe and TABLE_KEYS.get(table) else ""
     cols = ", ".join(_q(c) for c in arrow.column_names)
-    con.register("_horizons_batch", arrow)
-    try:
-        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _horizons_batch{conflict}")
-    finally:
-        con.unregister("_horizons_batch")
+    # DuckDB finds the local Arrow table by its name (a replacement scan): ~0.5 ms less
+    # per statement than register()/unregister(), which matters at 50-row batches.
+    horizons_rows = arrow  # noqa: F841
+    con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM horizons_rows{conflict}")
     return arrow.num_rows
 
 
@@ -133,34 +146,32 @@ def upsert_jobs(
             ("updated_at", pa.timestamp("us", tz="UTC")),
         ]
     )
-    con.register("_horizons_jobs", pa.table({n: columns[n] for n in _JOB_COLUMNS}, schema))
-    try:
-        # Later events fill in what earlier ones left empty; durations are derived from
-        # whichever side (batch or table) knows the start and the finish.
-        con.execute(
-            """
-            INSERT INTO jobs SELECT * FROM _horizons_jobs
-            ON CONFLICT (job_id) DO UPDATE SET
-                status = coalesce(excluded.status, jobs.status),
-                owner = coalesce(excluded.owner, jobs.owner),
-                job_type = coalesce(excluded.job_type, jobs.job_type),
-                submitted_at = coalesce(excluded.submitted_at, jobs.submitted_at),
-                started_at = coalesce(excluded.started_at, jobs.started_at),
-                finished_at = coalesce(excluded.finished_at, jobs.finished_at),
-                duration_s = coalesce(
-                    excluded.duration_s,
-                    epoch(coalesce(excluded.finished_at, jobs.finished_at))
-                      - epoch(coalesce(excluded.started_at, jobs.started_at))),
-                queue_time_s = coalesce(
-                    excluded.queue_time_s,
-                    epoch(coalesce(excluded.started_at, jobs.started_at))
-                      - epoch(coalesce(excluded.submitted_at, jobs.submitted_at))),
-                last_event_id = coalesce(excluded.last_event_id, jobs.last_event_id),
-                updated_at = excluded.updated_at
-            """
-        )
-    finally:
-        con.unregister("_horizons_jobs")
+    horizons_jobs = pa.table({n: columns[n] for n in _JOB_COLUMNS}, schema)  # noqa: F841
+    # Found by name by DuckDB (a replacement scan).
+    # Later events fill in what earlier ones left empty; durations are derived from
+    # whichever side (batch or table) knows the start and the finish.
+    con.execute(
+        """
+        INSERT INTO jobs SELECT * FROM horizons_jobs
+        ON CONFLICT (job_id) DO UPDATE SET
+            status = coalesce(excluded.status, jobs.status),
+            owner = coalesce(excluded.owner, jobs.owner),
+            job_type = coalesce(excluded.job_type, jobs.job_type),
+            submitted_at = coalesce(excluded.submitted_at, jobs.submitted_at),
+            started_at = coalesce(excluded.started_at, jobs.started_at),
+            finished_at = coalesce(excluded.finished_at, jobs.finished_at),
+            duration_s = coalesce(
+                excluded.duration_s,
+                epoch(coalesce(excluded.finished_at, jobs.finished_at))
+                  - epoch(coalesce(excluded.started_at, jobs.started_at))),
+            queue_time_s = coalesce(
+                excluded.queue_time_s,
+                epoch(coalesce(excluded.started_at, jobs.started_at))
+                  - epoch(coalesce(excluded.submitted_at, jobs.submitted_at))),
+            last_event_id = coalesce(excluded.last_event_id, jobs.last_event_id),
+            updated_at = excluded.updated_at
+        """
+    )
     return len(columns["job_id"])
 
 
@@ -186,6 +197,31 @@ def save_offsets(
         )
     finally:
         con.unregister("_horizons_offsets")
+
+
+def advance_offsets(
+    con: duckdb.DuckDBPyConnection, group: str, spans: dict[tuple[str, int], tuple[int, int]]
+) -> bool:
+    """Set each partition's stored offset to ``last + 1`` of its span (first, last) — in
+    one statement, the hot path's only offset bookkeeping — if the stored offset is at
+    most ``first``. False when a partition has no stored offset yet or one past ``first``
+    (records already stored: fencing); the transaction must then be rolled back."""
+    if not spans:
+        return True
+    values = ", ".join(
+        f"({literal(t)}, {int(p)}, {int(first)}, {int(last) + 1})"
+        for (t, p), (first, last) in spans.items()
+    )
+    updated = con.execute(
+        f"""
+        UPDATE consumer_offsets AS o SET next_offset = v.next, updated_at = now()
+        FROM (VALUES {values}) AS v(topic, part, first, next)
+        WHERE o.consumer_group = {literal(group)} AND o.topic = v.topic
+          AND o."partition" = v.part AND o.next_offset <= v.first
+        RETURNING 1
+        """
+    ).fetchall()
+    return len(updated) == len(spans)
 
 
 def stored_offsets(con: duckdb.DuckDBPyConnection, group: str) -> dict[tuple[str, int], int]:

@@ -14,6 +14,7 @@ from horizons_platform import events as ev
 from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter
 from horizons_platform.services.audit import AuditHandler, verify_store
 from horizons_platform.services.base import Batch, Handler, Tables, now, rows_to_columns
+from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.client import Store
@@ -186,3 +187,15 @@ def test_a_chain_prepared_on_a_stale_tail_is_chained_again(store: Store) -> None
     assert rows == [(1, "a"), (2, "b"), (3, "x"), (4, "c")]
     with store.reader() as con:
         assert verify_store(con).ok
+
+
+def test_a_republished_event_is_a_no_op_not_a_dead_letter(store: Store) -> None:
+    sent: list[DeadLetter] = []
+    cp = _checkpoint(MetricsHandler(store.settings), store, sent)
+    first, second = _event("a"), _event("b")
+    cp.commit(_batch([first]))
+    cp.commit(_batch([first, second], first_offset=1))  # "a" published again
+    assert store.query("SELECT job_id FROM job_events ORDER BY job_id")[1] == [("a",), ("b",)]
+    assert sent == [] and store.scalar("SELECT count(*) FROM dead_letters") == 0
+    with store.reader() as con:
+        assert tables.stored_offsets(con, "metrics") == {(TOPIC, 0): 3}
