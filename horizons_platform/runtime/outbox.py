@@ -14,6 +14,7 @@ same Message-ID so the receiver can tell.
 from __future__ import annotations
 
 import logging
+import re
 import smtplib
 import ssl
 import threading
@@ -32,6 +33,34 @@ from horizons_platform.settings import Settings
 from horizons_platform.store.base import StoreBase
 
 log = logging.getLogger(__name__)
+
+
+_UNSAFE_7BIT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_LONG_LINE = re.compile(r"[^\n]{990}")  # RFC 5322: lines of at most 998 octets
+
+
+def render_message(headers: dict[str, str], body: str) -> bytes:
+    """The RFC 5322 bytes of a plain-text e-mail.
+
+    All-ASCII messages (nearly all) are formatted directly: the email package's header
+    registry and generator cost ~10x more, and with the outbox sending hundreds a second
+    beside ingest that was a sixth of the host's Python time. Anything else (an encoded
+    subject, an internationalised address, a non-ASCII body) goes through ``EmailMessage``.
+    """
+    text = "".join(headers.values()) + body
+    if text.isascii() and not _UNSAFE_7BIT.search(text) and not _LONG_LINE.search(body):
+        lines = [f"{name}: {value}" for name, value in headers.items()]
+        lines += ['MIME-Version: 1.0', 'Content-Type: text/plain; charset="utf-8"']
+        lines += ["Content-Transfer-Encoding: 7bit", ""]
+        content = body.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
+        if not content.endswith("\r\n"):
+            content += "\r\n"
+        return ("\r\n".join(lines) + "\r\n" + content).encode("ascii")
+    msg = EmailMessage()
+    for name, value in headers.items():
+        msg[name] = value
+    msg.set_content(body)
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
 
 IDLE_CHECK_S = 30.0  # an idle session is NOOP-checked before use (servers drop them)
 OUTCOME_SCHEMA = pa.schema(
@@ -318,16 +347,16 @@ class OutboxDispatcher:
 
     # --- the SMTP side -------------------------------------------------------------------
 
-    def _message(self, n: Claimed) -> EmailMessage:
-        msg = EmailMessage()
-        msg["From"] = self.settings.smtp_from
-        msg["To"] = n.recipient  # one recipient, validated when the event came in
-        msg["Subject"] = header_safe(n.subject)
-        msg["Message-ID"] = n.message_id
-        msg["Date"] = format_datetime(datetime.now(UTC))
-        msg["X-Horizons-Notification-Id"] = n.notification_id
-        msg.set_content(n.body)
-        return msg
+    def _message(self, n: Claimed) -> bytes:
+        headers = {
+            "From": self.settings.smtp_from,
+            "To": n.recipient,  # one recipient, validated when the event came in
+            "Subject": header_safe(n.subject),
+            "Message-ID": n.message_id,
+            "Date": format_datetime(datetime.now(UTC)),
+            "X-Horizons-Notification-Id": n.notification_id,
+        }
+        return render_message(headers, n.body)
 
     def _deliver(self, session: SmtpSession, n: Claimed) -> Outcome:
         try:
@@ -337,7 +366,7 @@ class OutboxDispatcher:
             return Outcome(n.notification_id, n.attempts, f"{type(exc).__name__}: {exc}", True)
         for attempt in (1, 2):
             try:
-                session.get().send_message(msg)
+                session.get().sendmail(self.settings.smtp_from, [n.recipient], msg)
                 return Outcome(n.notification_id, n.attempts)
             except SmtpConfigError as exc:
                 session.lost = True

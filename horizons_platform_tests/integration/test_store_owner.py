@@ -194,9 +194,10 @@ def test_a_15s_query_never_stalls_the_consumers(settings: Settings, tmp_path: Pa
                 f"longest gap {worst:.2f}s"
             )
             # Before the owner, this query stopped ingest for its whole 15+ s. The issue's
-            # target is 1 s; on 2 cores, with the query on one of them, the host's threads
-            # share the other and a commit sometimes takes up to ~1.4 s (docs/kpis.md):
-            # the test guards against a stall, the bench reports the target.
+            # target is 1 s: `horizons bench query` (committed offsets sampled every 20 ms)
+            # measures 0.19-0.32 s; this watcher samples three groups through Kafka from
+            # the busy test process and has seen 0.62-0.93 s, so it guards against a stall
+            # (2 s) rather than assert the target at its own resolution.
             assert worst <= STALL_LIMIT_S, f"{group} stalled {worst:.2f}s during the query"
         producer.join(60)
     finally:
