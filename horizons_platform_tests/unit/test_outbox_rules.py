@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import smtplib
 
 import pytest
@@ -9,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from horizons_platform import events as ev
-from horizons_platform.runtime.outbox import classify
+from horizons_platform.runtime.outbox import classify, render_message
 from horizons_platform.services.notifications import HEADER_MAX, header_safe
 
 
@@ -61,3 +63,32 @@ def test_an_owner_that_is_not_one_address_is_rejected_where_the_event_enters(own
     raw = ev.encode(event).replace(b"ok@example.org", owner.encode().replace(b"\r\n", b"\\r\\n"))
     with pytest.raises(ev.EventDecodeError, match=r"payload\.owner"):
         ev.decode(raw)
+
+
+_HEADERS = {
+    "From": "horizons@observatory.example",
+    "To": "ada@observatory.example",
+    "Subject": "[horizons] job j-1 completed",
+    "Message-ID": "<n-1@horizons.local>",
+    "Date": "Fri, 27 Nov 2026 08:00:00 +0000",
+    "X-Horizons-Notification-Id": "n-1",
+}
+
+
+@pytest.mark.parametrize(
+    ("subject", "body"),
+    [
+        ("[horizons] job j-1 completed", "Your imaging job j-1 completed.\nEvent id: e\n"),
+        ("[horizons] job j-✓ completed", "Ünïcode in the body\n"),
+        ("[horizons] job j-1 failed", "Error: " + "x" * 3000 + "\n"),
+        ("[horizons] job j-1 failed", "a NUL \x00 and a bell \x07\n"),
+    ],
+)
+def test_a_rendered_message_reads_back_as_written(subject: str, body: str) -> None:
+    raw = render_message({**_HEADERS, "Subject": subject}, body)
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    assert b"\n" not in raw.replace(b"\r\n", b"")  # CRLF only
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg["Subject"] == subject and msg["To"] == _HEADERS["To"]
+    assert msg["Message-ID"] == _HEADERS["Message-ID"]
+    assert msg.get_content().replace("\r\n", "\n") == body
