@@ -12,6 +12,7 @@ the two commits replays nothing that was stored.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -86,7 +87,13 @@ class ConsumerLoop:
             # Static membership: a host restarted after a crash (or its standby, which
             # has the same id) gets its partitions back at once instead of waiting out
             # the dead member's session; a zombie with the same id is fenced by Kafka.
-            config["group.instance.id"] = f"{self.group}.{settings.consumer_instance_id}"
+            # The topics are part of the id: a static member that comes back with another
+            # subscription would be handed its old assignment (topics it no longer reads)
+            # without a rebalance, and consume nothing.
+            topics = hashlib.sha256(",".join(sorted(handler.topics())).encode()).hexdigest()
+            config["group.instance.id"] = (
+                f"{self.group}.{settings.consumer_instance_id}.{topics[:8]}"
+            )
         self._consumer = Consumer(settings.kafka_config(**config))
 
     # --- lifecycle -------------------------------------------------------------------
