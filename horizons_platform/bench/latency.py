@@ -121,7 +121,7 @@ def run(
     ctx: BenchContext, rate: float = 1000.0, seconds: float = 30.0, seed: int = 7
 ) -> BenchResult:
     result = BenchResult("latency", params={"rate": rate, "seconds": seconds, "seed": seed})
-    with SmtpSink() as smtp:
+    with SmtpSink(own_process=True) as smtp:
         settings = ctx.settings("latency", smtp_port=smtp.port)
         topics = group_topics(settings)
         probe = OffsetProbe(settings, topics)

@@ -1,16 +1,26 @@
 """A real SMTP server (aiosmtpd) on loopback that records when each e-mail arrived.
 
 It can be stopped and started again on the same port, which is how the SMTP-outage
-fault is injected.
+fault is injected. ``SmtpSink(own_process=True)`` runs the server in a process of its
+own (as a mail server would be), writing one line per e-mail to a file the bench reads:
+inside the bench's process it would share one GIL with the producer and the offset
+probe, and its own queueing would count as the platform's e-mail latency.
 """
 
 from __future__ import annotations
 
+import argparse
+import atexit
 import logging
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from email import message_from_bytes
+from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
@@ -30,11 +40,14 @@ class Received:
 
 
 class SmtpSink:
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, own_process: bool = False) -> None:
         self.port = port or free_port()
         self.received: list[Received] = []
         self._lock = threading.Lock()
         self._controller: Controller | None = None
+        self._own_process = own_process
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: Path | None = None
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         at = time.time()
@@ -51,29 +64,100 @@ class SmtpSink:
         return "250 OK"
 
     def start(self) -> SmtpSink:
+        if self._own_process:
+            return self._start_process()
         self._controller = Controller(self, hostname=HOST, port=self.port)
         self._controller.start()
+        return self
+
+    def _start_process(self) -> SmtpSink:
+        fd, name = tempfile.mkstemp(prefix="horizons-smtp-", suffix=".log")
+        os.close(fd)
+        self._log = Path(name)
+        atexit.register(self._log.unlink, missing_ok=True)  # read after stop(), gone at exit
+        command = [sys.executable, "-m", __name__, "--port", str(self.port), "--log", name]
+        self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while self._log.stat().st_size == 0:  # the server writes "ready" when it listens
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"SMTP sink process did not start on port {self.port}")
+            time.sleep(0.05)
         return self
 
     def stop(self) -> None:
         if self._controller is not None:
             self._controller.stop()
             self._controller = None
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(30)
+            self._proc = None
 
     @property
     def running(self) -> bool:
-        return self._controller is not None
+        return self._controller is not None or self._proc is not None
 
     def snapshot(self) -> list[Received]:
+        if self._log is not None:
+            self._read_log()
         with self._lock:
             return list(self.received)
 
     def distinct(self) -> int:
+        return len({r.message_id for r in self.snapshot()})
+
+    def _read_log(self) -> None:
+        assert self._log is not None
+        lines = self._log.read_text().splitlines()[1:]  # after "ready"
+        received = []
+        for line in lines:
+            parts = line.split("\t")
+            if len(parts) == 4:  # a line still being written is skipped until complete
+                received.append(Received(float(parts[0]), parts[1], parts[2], parts[3]))
         with self._lock:
-            return len({r.message_id for r in self.received})
+            self.received = received
 
     def __enter__(self) -> SmtpSink:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class _Recorder:
+    """The server side of ``SmtpSink(own_process=True)``: one line per e-mail."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        at = time.time()
+        msg = message_from_bytes(envelope.content)
+        fields = [msg["Message-ID"], msg["X-Horizons-Notification-Id"], msg["Subject"]]
+        clean = [" ".join(str(f).split()) for f in fields]
+        self.out.write(f"{at:.6f}\t" + "\t".join(clean) + "\n")
+        self.out.flush()
+        return "250 OK"
+
+
+def _serve(port: int, log: str) -> None:
+    with open(log, "a") as out:
+        controller = Controller(_Recorder(out), hostname=HOST, port=port)
+        controller.start()
+        out.write("ready\n")
+        out.flush()
+        try:
+            threading.Event().wait()
+        finally:
+            controller.stop()
+
+
+if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--log", required=True)
+    args = parser.parse_args()
+    _serve(args.port, args.log)
