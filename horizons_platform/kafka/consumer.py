@@ -135,12 +135,6 @@ class ConsumerLoop:
             self._close(code)
         return code
 
-    def process(self, messages: list[Any]) -> None:
-        """Store one polled list of messages now (tests and tools; ``run`` overlaps them)."""
-        batch = self._batch(messages)
-        if batch is not None:
-            self._commit_to_kafka(self.checkpoint.commit(batch))
-
     def _store(self, batch: Batch, rows: Tables | None) -> None:
         """On the writer thread: the batch's transaction, then its offsets to Kafka at
         once (librdkafka's commit is thread-safe), not at the next poll."""

@@ -13,7 +13,14 @@ import pytest
 from horizons_platform import events as ev
 from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter
 from horizons_platform.services.audit import AuditHandler, verify_store
-from horizons_platform.services.base import Batch, Handler, Tables, now, rows_to_columns
+from horizons_platform.services.base import (
+    Batch,
+    Handler,
+    Tables,
+    Verdicts,
+    now,
+    rows_to_columns,
+)
 from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
@@ -199,3 +206,16 @@ def test_a_republished_event_is_a_no_op_not_a_dead_letter(store: Store) -> None:
     assert sent == [] and store.scalar("SELECT count(*) FROM dead_letters") == 0
     with store.reader() as con:
         assert tables.stored_offsets(con, "metrics") == {(TOPIC, 0): 3}
+
+
+def test_verdicts_are_shared_by_message_bytes() -> None:
+    verdicts = Verdicts(size=2)
+    good, bad = _event("a"), b'{"event_type": "job.started"}'
+    first = verdicts.lookup(good)
+    assert verdicts.lookup(bytes(bytearray(good))) is first  # equal bytes, another object
+    error = verdicts.lookup(bad)
+    assert isinstance(error, ev.EventDecodeError) and verdicts.lookup(bad) is error
+    for job in ("b", "c", "d"):  # past two generations of two: validated again, same verdict
+        verdicts.lookup(_event(job))
+    again = verdicts.lookup(good)
+    assert again is not first and again == first
