@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ import psutil
 from horizons_platform.settings import Settings
 
 log = logging.getLogger(__name__)
+SESSION_VAR = "HZUP_SESSION"  # not HORIZONS_*: it is no setting
 
 DAGSTER_STOP_TIMEOUT_S = 30.0
 UI_READY_TIMEOUT_S = 240.0
@@ -169,6 +171,9 @@ class Launcher:
         self.exit_code = 0
         self.url = f"http://{settings.ui_host}:{settings.ui_port}"
         self.log_dir = settings.var_dir.resolve() / "logs"
+        # Marks every process this launcher's children start, however deep, so that the
+        # shutdown finds those that left the process tree (re-parented to init).
+        self.session = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
 
     # --- signals ---------------------------------------------------------------------
 
@@ -200,6 +205,7 @@ class Launcher:
                 "HORIZONS_DAGSTER_HOME": str(dagster_home),
                 "HORIZONS_KAFKA_BOOTSTRAP": self.settings.bootstrap,
                 "PYTHONUNBUFFERED": "1",
+                SESSION_VAR: self.session,
             }
         )
         return env
@@ -399,6 +405,25 @@ class Launcher:
 
     # --- stop ----------------------------------------------------------------------------
 
+    def _sweep(self) -> None:
+        """Stop what a child started that outlived it outside its process tree (Dagster's
+        code servers are re-parented to init when their parent exits first)."""
+        strays = []
+        for p in psutil.process_iter(["environ"]):
+            with contextlib.suppress(psutil.Error):
+                environ = p.info["environ"] or {}
+                if p.pid != os.getpid() and environ.get(SESSION_VAR) == self.session:
+                    strays.append(p)
+        for p in strays:
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(strays, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if strays:
+            log.info("stopped %d process(es) left behind by dagster or the consumers", len(strays))
+
     def shutdown(self) -> int:
         self.stop_event.set()
         if self.demo_thread is not None:
@@ -411,6 +436,7 @@ class Launcher:
             self.out("stopping consumers (flushing their last batch)…")
             timeout = self.settings.shutdown_timeout_s + self.settings.broker_grace_s
             by_name["consumers"].stop(signal.SIGTERM, timeout)
+        self._sweep()
         if self.smtp is not None:
             self.smtp.stop()
         if self.broker is not None:
