@@ -67,7 +67,6 @@ class ConsumerLoop:
         self.checkpoint = Checkpoint(
             handler, store, send_dead_letters=self._send_dead_letters, extra_rows=self._signals
         )
-        self.stats = self.checkpoint.counters
         # One writer thread: batch N's transaction runs there while batch N+1 is polled.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.group}")
         self._in_flight: Future[None] | None = None
@@ -318,7 +317,7 @@ class ConsumerLoop:
         if not force and time.monotonic() - self._last_signals < SIGNAL_INTERVAL_S:
             return {}
         self._last_signals = time.monotonic()
-        counts = self.stats.take()
+        counts = self.checkpoint.counters.take()
         if not any(counts.values()):
             return {}
         rows = [self._signal(k, v) for k, v in counts.items()]

@@ -50,7 +50,7 @@ def render_message(headers: dict[str, str], body: str) -> bytes:
     text = "".join(headers.values()) + body
     if text.isascii() and not _UNSAFE_7BIT.search(text) and not _LONG_LINE.search(body):
         lines = [f"{name}: {value}" for name, value in headers.items()]
-        lines += ['MIME-Version: 1.0', 'Content-Type: text/plain; charset="utf-8"']
+        lines += ["MIME-Version: 1.0", 'Content-Type: text/plain; charset="utf-8"']
         lines += ["Content-Transfer-Encoding: 7bit", ""]
         content = body.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
         if not content.endswith("\r\n"):
@@ -61,6 +61,7 @@ def render_message(headers: dict[str, str], body: str) -> bytes:
         msg[name] = value
     msg.set_content(body)
     return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+
 
 IDLE_CHECK_S = 30.0  # an idle session is NOOP-checked before use (servers drop them)
 OUTCOME_SCHEMA = pa.schema(

@@ -100,39 +100,6 @@ def canonical(row: dict[str, Any]) -> bytes:
     return json.dumps(content, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
-def link_raw(
-    prev_hash: str,
-    seq: int,
-    topic: str,
-    partition: int,
-    offset: int,
-    recorded_at: datetime,
-    valid: bool,
-    event_id: str | None,
-    job_id: str | None,
-    event_type: str | None,
-    occurred_at: datetime | None,
-    validation_error: str | None,
-    raw: bytes | None,
-) -> str:
-    """Rule 2: SHA-256 over the coordinates, the identifying columns and SHA-256(raw)."""
-    return _link(
-        prev_hash,
-        seq,
-        topic,
-        partition,
-        offset,
-        _micros(recorded_at),
-        valid,
-        event_id,
-        job_id,
-        event_type,
-        _micros(occurred_at),
-        validation_error,
-        raw,
-    )
-
-
 def _link(
     prev_hash: str,
     seq: int,
@@ -164,18 +131,18 @@ def link(prev_hash: str, row: dict[str, Any]) -> str:
     """The hash ``row`` must carry after ``prev_hash``, under the row's own rule."""
     if row.get("hash_rule", RULE_CANONICAL_JSON) == RULE_CANONICAL_JSON:
         return hashlib.sha256(prev_hash.encode() + canonical(row)).hexdigest()
-    return link_raw(
+    return _link(
         prev_hash,
         row["seq"],
         row["topic"],
         row["partition"],
         row["offset"],
-        row["recorded_at"],
+        _micros(row["recorded_at"]),
         bool(row["valid"]),
         row.get("event_id"),
         row.get("job_id"),
         row.get("event_type"),
-        row.get("occurred_at"),
+        _micros(row.get("occurred_at")),
         row.get("validation_error"),
         row.get("raw"),
     )
@@ -395,9 +362,7 @@ class AuditHandler(Handler):
         if columns and columns["offset"] and self._expected is not None:
             self._expected = chain_columns(columns, *self._expected)
 
-    def persist(
-        self, con: duckdb.DuckDBPyConnection, rows: Tables, *, dedupe: bool = True
-    ) -> None:
+    def persist(self, con: duckdb.DuckDBPyConnection, rows: Tables, *, dedupe: bool = True) -> None:
         # Replays never reach this point: the loop fences on the stored offsets, and the
         # UNIQUE (topic, partition, offset) constraint is the last line of defence.
         columns = rows.pop("audit_log", None)

@@ -79,6 +79,7 @@ class Batch:
     timestamps: list[int]
     events: list[EventDict | None] = field(default_factory=list)
     errors: dict[int, EventDecodeError] = field(default_factory=dict)
+    _spans: dict[tuple[str, int], tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -120,7 +121,9 @@ class Batch:
         )
 
     def spans(self) -> dict[tuple[str, int], tuple[int, int]]:
-        """(first, last) offset of every partition in the batch."""
+        """(first, last) offset of every partition in the batch (computed once)."""
+        if self._spans is not None:
+            return self._spans
         firsts: dict[tuple[str, int], int] = {}
         lasts: dict[tuple[str, int], int] = {}
         for tp, offset in zip(
@@ -129,7 +132,8 @@ class Batch:
             if tp not in firsts:
                 firsts[tp] = offset
             lasts[tp] = offset
-        return {tp: (first, lasts[tp]) for tp, first in firsts.items()}
+        self._spans = {tp: (first, lasts[tp]) for tp, first in firsts.items()}
+        return self._spans
 
     def next_offsets(self) -> dict[tuple[str, int], int]:
         return {tp: last + 1 for tp, (_, last) in self.spans().items()}

@@ -121,14 +121,8 @@ def fold_job_updates(updates: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
-def upsert_jobs(
-    con: duckdb.DuckDBPyConnection, updates: Sequence[dict[str, Any]] | dict[str, list[Any]]
-) -> int:
-    """Upsert job updates: rows (folded here) or columns already folded (one row a job)."""
-    columns = updates if isinstance(updates, dict) else None
-    if columns is None:
-        rows = fold_job_updates(updates)  # type: ignore[arg-type]
-        columns = {name: [r[name] for r in rows] for name in _JOB_COLUMNS}
+def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -> int:
+    """Upsert jobs given as columns with one row per job (see :func:`fold_job_updates`)."""
     if not columns or not columns["job_id"]:
         return 0
     schema = pa.schema(
