@@ -42,6 +42,18 @@ AUDIT_RECORD = "audit.record"
 LIFECYCLE_TYPES = (JOB_SUBMITTED, JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
 TERMINAL_TYPES = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
 
+# The job status each lifecycle event leads to, and how far along the state machine it
+# is: a job's stored state only moves forward, whatever order (or how often) its events
+# arrive — a replayed job.started never reopens a completed job.
+JOB_STATUS_OF = {
+    JOB_SUBMITTED: "submitted",
+    JOB_STARTED: "running",
+    JOB_COMPLETED: "completed",
+    JOB_FAILED: "failed",
+    JOB_CANCELLED: "cancelled",
+}
+JOB_STATUS_RANK = {"submitted": 0, "running": 1, "completed": 2, "failed": 2, "cancelled": 2}
+
 
 class _Open(BaseModel):
     """Base for every wire model: unknown fields survive a decode/encode round trip."""

@@ -11,11 +11,9 @@ from statistics import quantiles
 from typing import Any
 
 from horizons_platform.events import (
-    JOB_CANCELLED,
-    JOB_COMPLETED,
-    JOB_FAILED,
     JOB_METRICS,
     JOB_STARTED,
+    JOB_STATUS_OF,
     JOB_SUBMITTED,
     TERMINAL_TYPES,
     EventDict,
@@ -31,13 +29,7 @@ from horizons_platform.services.base import (
 )
 from horizons_platform.store.tables import fold_job_updates
 
-_STATUS = {
-    JOB_SUBMITTED: "submitted",
-    JOB_STARTED: "running",
-    JOB_COMPLETED: "completed",
-    JOB_FAILED: "failed",
-    JOB_CANCELLED: "cancelled",
-}
+_STATUS = JOB_STATUS_OF
 
 
 @dataclass(frozen=True)

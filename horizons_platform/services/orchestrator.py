@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -39,8 +40,17 @@ TRANSITIONS: dict[str, tuple[frozenset[str | None], str]] = {
 }
 
 
+# Finished jobs remembered (for their metrics and a clear "job … is completed" error):
+# the newest ones only, so the orchestrator's memory does not grow with its history.
+FINISHED_JOBS_KEPT = 10_000
+
+
 class IllegalTransition(ValueError):
     pass
+
+
+class RecoveryIncomplete(RuntimeError):
+    """The job-lifecycle topic could not be read to its end: job states would be wrong."""
 
 
 def next_state(current: str | None, event_type: str, job_id: str) -> str:
@@ -68,18 +78,28 @@ class JobOrchestratorService:
         self.publisher = publisher or Publisher(settings)
         self.producer_name = settings.producer_name
         self._jobs: dict[str, dict[str, Any]] = {}  # job_id → {state, owner, job_type, times}
+        self._finished: OrderedDict[str, dict[str, Any]] = OrderedDict()  # newest last
+        self.finished_jobs_kept = FINISHED_JOBS_KEPT
         self._lock = threading.Lock()
         if recover:
             self.recover()
 
     # --- state -------------------------------------------------------------------------
 
+    def _job(self, job_id: str) -> dict[str, Any] | None:
+        return self._jobs.get(job_id) or self._finished.get(job_id)
+
     def state(self, job_id: str) -> str | None:
-        job = self._jobs.get(job_id)
+        job = self._job(job_id)
         return job["state"] if job else None
 
+    @property
+    def jobs_in_memory(self) -> int:
+        return len(self._jobs) + len(self._finished)
+
     def recover(self, timeout: float = 30.0) -> int:
-        """Fold the job-lifecycle topic (up to its current end) into job states."""
+        """Fold the job-lifecycle topic (up to its end offsets, read first) into job
+        states; :class:`RecoveryIncomplete` if the end is not reached within ``timeout``."""
         consumer = Consumer(
             self.settings.kafka_config(
                 **{"group.id": "horizons-orchestrator-recovery", "enable.auto.commit": False}
@@ -113,18 +133,38 @@ class JobOrchestratorService:
                     if event.event_type in TRANSITIONS:
                         self._fold(event)
                         seen += 1
-            log.info("orchestrator: recovered %d jobs from %d events", len(self._jobs), seen)
+            if ends:
+                raise RecoveryIncomplete(
+                    f"orchestrator: could not read {topic} to its end within {timeout:.0f}s "
+                    f"(partitions {sorted(ends)} unread up to offsets "
+                    f"{[ends[p] for p in sorted(ends)]}); job states would be incomplete, "
+                    "so nothing is published — check the broker and try again"
+                )
+            log.info(
+                "orchestrator: recovered %d jobs (%d live) from %d events",
+                self.jobs_in_memory,
+                len(self._jobs),
+                seen,
+            )
             return seen
         finally:
             consumer.close()
 
     def _fold(self, event: Any) -> None:
         _, target = TRANSITIONS[event.event_type]
-        job = self._jobs.setdefault(event.job_id, {})
+        job = self._job(event.job_id)
+        if job is None:
+            job = self._jobs[event.job_id] = {}
         job["state"] = target
         job.setdefault("owner", getattr(event.payload, "owner", None))
         job.setdefault("job_type", getattr(event.payload, "job_type", None))
         job[target + "_at"] = event.occurred_at
+        if target in TERMINAL:
+            self._jobs.pop(event.job_id, None)
+            self._finished[event.job_id] = job
+            self._finished.move_to_end(event.job_id)
+            while len(self._finished) > self.finished_jobs_kept:
+                self._finished.popitem(last=False)
 
     # --- commands ----------------------------------------------------------------------
 
@@ -132,7 +172,7 @@ class JobOrchestratorService:
         with self._lock:
             current = self.state(job_id)
             next_state(current, cls.model_fields["event_type"].default, job_id)
-            job = self._jobs.get(job_id, {})
+            job = self._job(job_id) or {}
             payload.setdefault("owner", job.get("owner"))
             payload.setdefault("job_type", job.get("job_type"))
             event = ev.new_event(cls, producer=self.producer_name, job_id=job_id, payload=payload)
@@ -201,7 +241,7 @@ class JobOrchestratorService:
 
     def publish_metrics(self, job_id: str, **metrics: Any) -> Delivery | None:
         """Send the job's metrics (after it finished) to ``job-metrics``."""
-        job = self._jobs.get(job_id)
+        job = self._job(job_id)
         if job is None or job["state"] not in TERMINAL:
             raise IllegalTransition(f"job {job_id} has not finished: no metrics yet")
         metrics.setdefault("job_type", job.get("job_type"))

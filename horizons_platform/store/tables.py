@@ -15,6 +15,7 @@ import duckdb
 import pyarrow as pa
 from pydantic_core import to_json as _to_json
 
+from horizons_platform.events import JOB_STATUS_RANK
 from horizons_platform.store.sql import literal
 
 # Primary/unique key per table; an insert that meets an existing key is a no-op, which
@@ -108,7 +109,15 @@ def fold_job_updates(updates: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     merged: dict[str, dict[str, Any]] = {}
     for update in updates:
-        row = merged.setdefault(update["job_id"], dict.fromkeys(_JOB_COLUMNS))
+        row = merged.get(update["job_id"])
+        if row is None:
+            merged[update["job_id"]] = row = dict.fromkeys(_JOB_COLUMNS)
+        elif _rank(update["status"]) <= _rank(row["status"]):
+            # Not further along (a duplicate, or late): it may fill gaps, never overwrite.
+            for key, value in update.items():
+                if row[key] is None:
+                    row[key] = value
+            continue
         for key, value in update.items():
             if value is not None:
                 row[key] = value
@@ -119,6 +128,18 @@ def fold_job_updates(updates: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["submitted_at"] and row["started_at"]:
             row["queue_time_s"] = (row["started_at"] - row["submitted_at"]).total_seconds()
     return list(merged.values())
+
+
+def _rank(status: str | None) -> int:
+    return -1 if status is None else JOB_STATUS_RANK.get(status, -1)
+
+
+# A job's status as a rank in SQL (the same order as JOB_STATUS_RANK).
+_RANK_SQL = (
+    "CASE {col} "
+    + " ".join(f"WHEN '{status}' THEN {rank}" for status, rank in JOB_STATUS_RANK.items())
+    + " ELSE -1 END"
+)
 
 
 def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -> int:
@@ -142,29 +163,36 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -
     )
     horizons_jobs = pa.table({n: columns[n] for n in _JOB_COLUMNS}, schema)  # noqa: F841
     # Found by name by DuckDB (a replacement scan).
-    # Later events fill in what earlier ones left empty; durations are derived from
-    # whichever side (batch or table) knows the start and the finish.
+    # State only moves forward: the status (and the event that set it) changes only for
+    # a state further along; every other column is set once — the first value stored
+    # wins, so a replayed or late event fills gaps but never rewrites. Durations are
+    # derived from whichever side (batch or table) knows the start and the finish.
     con.execute(
         """
         INSERT INTO jobs SELECT * FROM horizons_jobs
         ON CONFLICT (job_id) DO UPDATE SET
-            status = coalesce(excluded.status, jobs.status),
-            owner = coalesce(excluded.owner, jobs.owner),
-            job_type = coalesce(excluded.job_type, jobs.job_type),
-            submitted_at = coalesce(excluded.submitted_at, jobs.submitted_at),
-            started_at = coalesce(excluded.started_at, jobs.started_at),
-            finished_at = coalesce(excluded.finished_at, jobs.finished_at),
+            status = CASE WHEN {excluded_rank} > {stored_rank}
+                          THEN excluded.status ELSE jobs.status END,
+            owner = coalesce(jobs.owner, excluded.owner),
+            job_type = coalesce(jobs.job_type, excluded.job_type),
+            submitted_at = coalesce(jobs.submitted_at, excluded.submitted_at),
+            started_at = coalesce(jobs.started_at, excluded.started_at),
+            finished_at = coalesce(jobs.finished_at, excluded.finished_at),
             duration_s = coalesce(
-                excluded.duration_s,
-                epoch(coalesce(excluded.finished_at, jobs.finished_at))
-                  - epoch(coalesce(excluded.started_at, jobs.started_at))),
+                jobs.duration_s,
+                epoch(coalesce(jobs.finished_at, excluded.finished_at))
+                  - epoch(coalesce(jobs.started_at, excluded.started_at))),
             queue_time_s = coalesce(
-                excluded.queue_time_s,
-                epoch(coalesce(excluded.started_at, jobs.started_at))
-                  - epoch(coalesce(excluded.submitted_at, jobs.submitted_at))),
-            last_event_id = coalesce(excluded.last_event_id, jobs.last_event_id),
+                jobs.queue_time_s,
+                epoch(coalesce(jobs.started_at, excluded.started_at))
+                  - epoch(coalesce(jobs.submitted_at, excluded.submitted_at))),
+            last_event_id = CASE WHEN {excluded_rank} > {stored_rank}
+                                 THEN excluded.last_event_id ELSE jobs.last_event_id END,
             updated_at = excluded.updated_at
-        """
+        """.format(
+            excluded_rank=_RANK_SQL.format(col="excluded.status"),
+            stored_rank=_RANK_SQL.format(col="jobs.status"),
+        )
     )
     return len(columns["job_id"])
 

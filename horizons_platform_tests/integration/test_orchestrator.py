@@ -91,6 +91,28 @@ def test_state_survives_a_restart(settings: Settings) -> None:
     assert delivery is not None and delivery.offset >= 2
 
 
+def test_finished_jobs_are_forgotten_oldest_first(settings: Settings) -> None:
+    orch = JobOrchestratorService(settings, recover=False, wait=False)
+    orch.finished_jobs_kept = 5
+    for i in range(30):
+        orch.submit_job(f"bounded-{i}", owner=OWNER, job_type="imaging")
+        orch.start_job(f"bounded-{i}")
+        orch.complete_job(f"bounded-{i}")
+    orch.submit_job("bounded-live", owner=OWNER, job_type="imaging")
+    orch.flush()
+    assert orch.jobs_in_memory == 6  # 5 finished + 1 live
+    assert orch.state("bounded-29") == "completed" and orch.state("bounded-0") is None
+    orch.publish_metrics("bounded-29", duration_s=1.0, queue_time_s=0.1)  # newest: kept
+    recovered = JobOrchestratorService(settings, recover=False)
+    recovered.finished_jobs_kept = 5
+    recovered.recover()
+    assert recovered.state("bounded-live") == "submitted"
+    # Other tests on this broker leave unfinished jobs (recovery keeps all of those);
+    # of the finished ones only five stay (partitions are read side by side, so which
+    # five is not "the newest" across partitions).
+    assert len(recovered._finished) == 5
+
+
 def test_delivery_failure_when_broker_is_down_is_an_error_not_a_hang(tmp_path: Path) -> None:
     s = Settings(
         var_dir=tmp_path,

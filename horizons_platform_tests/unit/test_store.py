@@ -126,3 +126,49 @@ def test_reading_a_missing_store_says_how_to_create_it(tmp_path: Path) -> None:
     store = Store(Settings(var_dir=tmp_path))
     with pytest.raises(FileNotFoundError, match="horizons consume"):
         store.query("SELECT 1")
+
+
+def _job(status: str, at: datetime, **fields: object) -> dict[str, object]:
+    column = {"submitted": "submitted_at", "running": "started_at"}.get(status, "finished_at")
+    return {
+        "job_id": "j",
+        "status": status,
+        "last_event_id": status,
+        "updated_at": at,
+        column: at,
+        **fields,
+    }
+
+
+def test_a_job_state_only_moves_forward_whatever_order_events_arrive_in(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    t = [t0.replace(minute=m) for m in range(4)]
+    batches = [
+        [_job("submitted", t[0], owner="o@example.org"), _job("running", t[1])],
+        [_job("completed", t[2])],
+        # replayed: an old job.started, a job.submitted, then a late cancellation
+        [_job("running", t[3])],
+        [_job("submitted", t[3], owner="other@example.org"), _job("cancelled", t[3])],
+    ]
+    for updates in batches:
+        with store.transaction() as con:
+            tables.upsert_jobs(con, _columns(tables.fold_job_updates(updates)))
+    _, rows = store.query(
+        "SELECT status, owner, submitted_at, started_at, finished_at, duration_s, "
+        "last_event_id FROM jobs"
+    )
+    assert rows == [("completed", "o@example.org", t[0], t[1], t[2], 60.0, "completed")]
+
+
+def test_folding_one_batch_keeps_the_furthest_state() -> None:
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    folded = tables.fold_job_updates(
+        [_job("completed", t0.replace(minute=2)), _job("running", t0.replace(minute=1))]
+    )
+    assert folded[0]["status"] == "completed" and folded[0]["last_event_id"] == "completed"
+    assert folded[0]["started_at"] == t0.replace(minute=1)  # a gap filled, nothing overwritten
+
+
+def _columns(rows: list[dict[str, object]]) -> dict[str, list[object]]:
+    return {name: [r[name] for r in rows] for name in rows[0]}
