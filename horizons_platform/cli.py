@@ -310,7 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_later_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """`up` and `bench` live in their own modules to keep this one thin."""
+    """`up`, `bench` and the operator's commands live in their own modules to keep this
+    one thin."""
+    from horizons_platform.operations.cli import add_operations_commands
+
+    add_operations_commands(sub)
     try:
         from horizons_platform.launcher import add_up_command
     except ImportError:

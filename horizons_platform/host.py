@@ -24,8 +24,9 @@ from horizons_platform import events as ev
 from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.consumer import EXIT_OK, ConsumerLoop
 from horizons_platform.kafka.producer import Publisher
-from horizons_platform.runtime.monitor import HealthMonitor
+from horizons_platform.runtime.monitor import HealthMonitor, apply_evaluations
 from horizons_platform.runtime.outbox import OutboxDispatcher
+from horizons_platform.runtime.publications import PublicationDispatcher
 from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import SERVICE_GROUPS, Settings
@@ -76,11 +77,19 @@ class Host:
                 self.store,
                 publisher=self.publisher,
                 stop_event=self.stop_event,
+                raise_alerts=lambda found, g=group: apply_evaluations(
+                    self.settings, self.store, self.publisher, found, actor=f"consumer:{g}"
+                ),
             )
             if isinstance(handler, NotificationHandler):
                 self.dispatcher = OutboxDispatcher(self.settings, self.store, self.stop_event)
                 handler.on_new_notifications = self.dispatcher.wake
                 self._spawn("outbox", self.dispatcher.run)
+        # Alerts and audit records written while the broker was away leave from here.
+        self.publications = PublicationDispatcher(
+            self.settings, self.store, self.publisher, self.stop_event
+        )
+        self._spawn("publications", self.publications.run)
         if "system-health" in self.groups:
             self.monitor = HealthMonitor(self.settings, self.store, self.publisher, self.stop_event)
             self._spawn("health-monitor", self.monitor.run)

@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     # its standbys share it; empty: dynamic membership.
     group_instance_id: str | None = None
     broker_grace_s: float = 30.0  # how long consumers ride out a lost broker
+    # How long a consumer retries a failing store (I/O error, out of memory) before it
+    # stops without committing (exit 7); never dead-lettered, never skipped.
+    store_retry_s: float = 30.0
     shutdown_timeout_s: float = 15.0
 
     # --- the store (DuckDB, owned by the consumer host, served over Quack) ---------------

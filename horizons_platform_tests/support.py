@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email import message_from_bytes
@@ -196,11 +196,30 @@ def consumer_env(settings: Settings, **extra: object) -> dict[str, str]:
     return env
 
 
-def start_consumer(settings: Settings, log: Path, **extra: object) -> subprocess.Popen[bytes]:
-    """`horizons consume` (all four services) as a real process, output appended to ``log``."""
+def horizons(
+    settings: Settings, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the `horizons` command line as a user would, with ``settings`` as HORIZONS_*."""
+    return subprocess.run(
+        [sys.executable, "-m", "horizons_platform.cli", *args],
+        env=consumer_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def start_consumer(
+    settings: Settings, log: Path, *, services: Sequence[str] = (), **extra: object
+) -> subprocess.Popen[bytes]:
+    """`horizons consume` (``services``, default all four) as a real process, output
+    appended to ``log``."""
+    chosen = [arg for name in services for arg in ("--service", name)]
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "horizons_platform.cli", "consume"],
+            [sys.executable, "-m", "horizons_platform.cli", "consume", *chosen],
             env=consumer_env(settings, **extra),
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -10,7 +10,6 @@ from typing import Any
 
 import dagster as dg
 
-from horizons_platform import events as ev
 from horizons_platform.defs.ingest import audit_log
 from horizons_platform.defs.resources import (
     DUCKDB_POOL,
@@ -18,6 +17,7 @@ from horizons_platform.defs.resources import (
     HorizonsSettings,
     KafkaPublisher,
 )
+from horizons_platform.runtime.publications import enqueue_audit, publish_now
 from horizons_platform.services.audit import verify_store
 from horizons_platform.services.compliance import generate_report, run_retention
 
@@ -209,18 +209,20 @@ def apply_retention(
     with store.transaction() as con:
         checkpoint = run_retention(con, s.retention_days)
         remaining = con.execute("SELECT count(*) FROM audit_log").fetchone()[0]  # type: ignore[index]
-    details = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in checkpoint.items()}
-    # The retention run itself goes into the audit trail, like every other action.
-    record = ev.new_event(
-        ev.AuditRecord,
-        producer=f"dagster:retention_job@{socket.gethostname()}",
-        payload={
-            "action": "retention.run",
-            "actor": f"dagster run {context.run_id}",
-            "details": {**details, "retention_days": s.retention_days},
-        },
-    )
-    kafka.get().publish(s.topic_audit_trail, record, key="retention.run")
+        details = {
+            k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in checkpoint.items()
+        }
+        # The run itself goes into the audit trail, like every other action: through the
+        # publication outbox, in the transaction that removed the records.
+        record = enqueue_audit(
+            con,
+            s,
+            f"dagster run {context.run_id}",
+            "retention.run",
+            {**details, "retention_days": s.retention_days},
+            producer=f"dagster:retention_job@{socket.gethostname()}",
+        )
+    publish_now(store, kafka.get(), [record])
     context.log.info(
         "removed %d audit records older than %s; %d remain",
         checkpoint["removed_count"],

@@ -18,7 +18,7 @@ from horizons_platform.events import EventDecodeError
 from horizons_platform.services.audit import safe_text
 from horizons_platform.services.base import Batch, Handler, Tables, now
 from horizons_platform.store import tables
-from horizons_platform.store.base import StoreBase, StoreUnavailable
+from horizons_platform.store.base import StoreBase, StoreUnavailable, is_conflict
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ class Checkpoint:
     # Extra rows for the same transaction (the loop's health signals), taken per write.
     extra_rows: Callable[[], Tables] = dict
     counters: Counters = field(default_factory=Counters)
+    # The Kafka cluster the offsets belong to (set by the loop once it checked them).
+    cluster_id: str | None = None
+    fenced: int = 0  # records dropped as already stored (the loop then rechecks offsets)
 
     @property
     def group(self) -> str:
@@ -141,6 +144,7 @@ class Checkpoint:
                     self.group,
                     len(batch) - len(fresh),
                 )
+                self.fenced += len(batch) - len(fresh)
                 sub = batch.take(fresh)
                 self.handler.persist(con, self.handler.handle(sub) if fresh else {})
                 kept = set(zip(sub.topics, sub.partitions, sub.offsets, strict=True))
@@ -152,7 +156,10 @@ class Checkpoint:
             for table, columns in extra.items():
                 tables.insert_columns(con, table, columns)
             tables.save_offsets(
-                con, self.group, {tp: max(o, stored.get(tp, 0)) for tp, o in next_offsets.items()}
+                con,
+                self.group,
+                {tp: max(o, stored.get(tp, 0)) for tp, o in next_offsets.items()},
+                self.cluster_id,
             )
 
         try:
@@ -231,6 +238,7 @@ class Checkpoint:
             "raw": d.value,
             "key": d.key,
             "received_at": now(),
+            "cluster_id": self.cluster_id or "",
         }
 
 
@@ -246,14 +254,23 @@ def _letter(one: Batch, error_class: str, message: str) -> DeadLetter:
     )
 
 
+class StoreFailed(RuntimeError):
+    """The store kept failing past ``store_retry_s``: the consumer stops, uncommitted."""
+
+
 def is_store_failure(exc: BaseException) -> bool:
-    """A failure of the store itself (I/O, memory, a lost connection, a database DuckDB
-    invalidated), not of one record: never dead-lettered, the batch is not stored."""
+    """A failure of the store itself (I/O — a WAL the disk refuses surfaces as a failed
+    commit —, memory, a lost connection, a database DuckDB invalidated), not of one
+    record: never dead-lettered, the batch is not stored."""
+    if isinstance(exc, duckdb.TransactionException):
+        return not is_conflict(exc)
     return isinstance(
         exc,
         duckdb.IOException
         | duckdb.OutOfMemoryException
         | duckdb.ConnectionException
         | duckdb.FatalException
-        | StoreUnavailable,
+        | duckdb.InternalException
+        | StoreUnavailable
+        | StoreFailed,
     )

@@ -18,13 +18,16 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
-from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter
+from horizons_platform.kafka import offsets
+from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter, StoreFailed, is_store_failure
 from horizons_platform.kafka.producer import Publisher
+from horizons_platform.services import health_rules
 from horizons_platform.services.base import Batch, Handler, Tables, now
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
@@ -35,8 +38,13 @@ log = logging.getLogger(__name__)
 EXIT_OK = 0
 EXIT_BROKER_LOST = 3
 EXIT_FENCED = 5  # Kafka fenced this member: another host with the same instance id took over
+EXIT_OFFSETS = 6  # the stored offsets do not belong to this cluster (kafka/offsets.py)
+EXIT_STORE = 7  # the store kept failing (I/O, memory) past store_retry_s; nothing committed
 
 SIGNAL_INTERVAL_S = 1.0
+# Stored offsets are checked against the cluster on every assignment, after a broker
+# outage, when the store fenced records, and at least this often.
+OFFSETS_CHECK_INTERVAL_S = 30.0
 DLQ_MAX_VALUE_BYTES = 512 * 1024
 
 
@@ -50,6 +58,7 @@ class ConsumerLoop:
         publisher: Publisher | None = None,
         stop_event: threading.Event | None = None,
         client_id: str | None = None,
+        raise_alerts: Callable[[list[health_rules.Evaluation]], object] | None = None,
     ) -> None:
         self.handler = handler
         self.settings = settings
@@ -63,6 +72,10 @@ class ConsumerLoop:
         self._next_probe = 0.0
         self._probe_delay = 0.5
         self._last_signals = time.monotonic()
+        # Records alerts (health_alerts + the publication outbox); the host wires it.
+        self.raise_alerts = raise_alerts
+        self.refused: str | None = None  # why the stored offsets must not be used
+        self._next_offsets_check = time.monotonic() + OFFSETS_CHECK_INTERVAL_S
         self._client_id = client_id or f"{self.group}-{socket.gethostname()}-{os.getpid()}"
         self.checkpoint = Checkpoint(
             handler, store, send_dead_letters=self._send_dead_letters, extra_rows=self._signals
@@ -116,9 +129,16 @@ class ConsumerLoop:
                     log.error("%s: stopping: %s", self.group, self._fatal.str())
                     code = EXIT_FENCED
                     break
-                batch = self._batch(messages) if messages else None
-                if messages:
+                if messages and self._broker_down_since is not None:
+                    # Back after an outage: maybe to another cluster behind the address.
                     self._broker_down_since = None
+                    self._next_offsets_check = 0.0
+                if self._due_offsets_check():
+                    self._recheck_offsets()
+                if self.refused is not None:
+                    code = EXIT_OFFSETS  # nothing of this poll is stored or committed
+                    break
+                batch = self._batch(messages) if messages else None
                 if batch is not None:
                     rows = self.checkpoint.prepare(batch)
                     self._finish_in_flight()
@@ -130,14 +150,46 @@ class ConsumerLoop:
                         break
                     self._maybe_flush_signals()
             self._finish_in_flight()
+        except Exception as exc:
+            if not is_store_failure(exc):
+                raise
+            log.error(
+                "%s: stopping: %s; no offset was committed past what is stored — fix the "
+                "store and start again, nothing is lost",
+                self.group,
+                exc,
+            )
+            code = EXIT_STORE
         finally:
             self._close(code)
         return code
 
     def _store(self, batch: Batch, rows: Tables | None) -> None:
         """On the writer thread: the batch's transaction, then its offsets to Kafka at
-        once (librdkafka's commit is thread-safe), not at the next poll."""
-        self._commit_to_kafka(self.checkpoint.commit(batch, rows))
+        once (librdkafka's commit is thread-safe), not at the next poll. A failing store
+        is retried with backoff for ``store_retry_s``, then :class:`StoreFailed`."""
+        delay, deadline = 0.2, time.monotonic() + self.settings.store_retry_s
+        while True:
+            try:
+                next_offsets = self.checkpoint.commit(batch, rows)
+                break
+            except Exception as exc:
+                if not is_store_failure(exc):
+                    raise
+                if time.monotonic() >= deadline or self.stop_event.is_set():
+                    raise StoreFailed(
+                        f"{self.group}: the store kept failing for "
+                        f"{self.settings.store_retry_s:.0f}s (HORIZONS_STORE_RETRY_S): {exc}"
+                    ) from exc
+                log.warning(
+                    "%s: store failure, retrying the batch in %.1fs (nothing committed): %s",
+                    self.group,
+                    delay,
+                    exc,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._commit_to_kafka(next_offsets)
 
     def _finish_in_flight(self) -> None:
         """Wait for the batch being written. A store failure surfaces here and stops the
@@ -177,13 +229,87 @@ class ConsumerLoop:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._finish_in_flight()
-        with self.store.transaction() as con:
-            stored = tables.stored_offsets(con, self.group)
+        start = self._check_offsets(consumer, [(tp.topic, tp.partition) for tp in partitions])
+        if start is None:
+            consumer.assign([])  # refused: consume nothing; the loop stops at once
+            return
         for tp in partitions:
-            tp.offset = stored.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+            tp.offset = start.get((tp.topic, tp.partition), OFFSET_BEGINNING)
         consumer.assign(partitions)
         self.ready.set()
         log.info("%s: assigned %d partitions", self.group, len(partitions))
+
+    def _check_offsets(
+        self, consumer: Consumer, assigned: list[tuple[str, int]]
+    ) -> dict[tuple[str, int], int] | None:
+        """Check the stored offsets of ``assigned`` against the cluster (kafka/offsets.py):
+        where to resume, or None (and :attr:`refused` set) when they must not be used."""
+        with self.store.transaction() as con:
+            stored = tables.stored_positions(con, self.group)
+        cluster_id, marks = offsets.read_positions(consumer, assigned)
+        verdict = offsets.assess(self.group, assigned, stored, cluster_id, marks)
+        self._next_offsets_check = time.monotonic() + OFFSETS_CHECK_INTERVAL_S
+        if not verdict.ok:
+            self.refused = "\n  ".join(verdict.refused)
+            log.error("%s: stopping: stored offsets refused:\n  %s", self.group, self.refused)
+            self._alert(
+                health_rules.OFFSETS_INVALID, self.group, 1.0, 0.0, "critical", self.refused
+            )
+            return None
+        for loss in verdict.lost:
+            message = (
+                f"group {self.group}: {loss.count} messages of {loss.topic}[{loss.partition}] "
+                f"(offsets {loss.stored}..{loss.low - 1}) were deleted by Kafka before this "
+                f"group read them; continuing from offset {loss.low}"
+            )
+            log.error("%s", message)
+            subject = f"{self.group} {loss.topic}[{loss.partition}]@{loss.stored}"
+            self._alert(health_rules.MESSAGES_LOST, subject, loss.count, 0.0, "critical", message)
+        self.checkpoint.cluster_id = cluster_id
+        # A partition seen for the first time starts at its low watermark, and says so in
+        # the store: messages Kafka deletes there before the group reads them are then
+        # counted too, even if the group never stored a batch of that partition.
+        first_seen = {tp: marks[tp][0] for tp in assigned if tp not in stored}
+        legacy = cluster_id and any(c is None for _, c in stored.values())
+        if first_seen or legacy:
+            with self.store.transaction() as con:
+                if legacy:  # offsets stored before cluster ids were
+                    con.execute(
+                        "UPDATE consumer_offsets SET cluster_id = ? "
+                        "WHERE consumer_group = ? AND cluster_id IS NULL",
+                        [cluster_id, self.group],
+                    )
+                tables.save_offsets(con, self.group, first_seen, cluster_id)
+        return {**first_seen, **verdict.start}
+
+    def _due_offsets_check(self) -> bool:
+        return self.ready.is_set() and (
+            time.monotonic() >= self._next_offsets_check or self.checkpoint.fenced > 0
+        )
+
+    def _recheck_offsets(self) -> None:
+        """The same check for the partitions held now (a cluster may have been replaced
+        under a running group: no rebalance need follow)."""
+        self._finish_in_flight()
+        self.checkpoint.fenced = 0
+        held = [(tp.topic, tp.partition) for tp in self._consumer.assignment()]
+        try:
+            self._check_offsets(self._consumer, held)
+        except KafkaException as exc:  # the broker is away again: checked when it is back
+            log.warning("%s: could not check offsets against the cluster: %s", self.group, exc)
+            self._next_offsets_check = time.monotonic() + 5.0
+
+    def _alert(
+        self, rule: str, subject: str, value: float, threshold: float, severity: str, text: str
+    ) -> None:
+        if self.raise_alerts is None:
+            return
+        try:
+            self.raise_alerts(
+                [health_rules.Evaluation(rule, subject, value, threshold, severity, True, text)]
+            )
+        except Exception:
+            log.exception("%s: could not record the alert (%s)", self.group, text)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The batch in flight is stored before the partitions go to another member.
@@ -245,7 +371,7 @@ class ConsumerLoop:
                     log.warning("%s: consume error: %s", self.group, err.str())
         if not data:
             return None
-        return Batch.decode(
+        batch = Batch.decode(
             [m.topic() for m in data],
             [m.partition() for m in data],
             [m.offset() for m in data],
@@ -253,6 +379,8 @@ class ConsumerLoop:
             [m.value() for m in data],
             [m.timestamp()[1] for m in data],
         )
+        batch.cluster_id = self.checkpoint.cluster_id or ""
+        return batch
 
     # --- side outputs --------------------------------------------------------------------
 
@@ -325,6 +453,14 @@ class ConsumerLoop:
 
     def _maybe_flush_signals(self, force: bool = False) -> None:
         signals = self._signals(force)
-        if signals:
+        if not signals:
+            return
+        try:
             with self.store.transaction() as con:
                 tables.insert_columns(con, "health_signals", signals["health_signals"])
+        except Exception as exc:
+            if not is_store_failure(exc):
+                raise
+            # Samples, not data: an idle group does not stop over them. A failing store
+            # stops it at its next batch, after the retries.
+            log.warning("%s: health signals not stored (store failure): %s", self.group, exc)

@@ -3,8 +3,9 @@
 ``collect_snapshot`` measures; :mod:`horizons_platform.services.health_rules` judges;
 ``apply_evaluations`` records raises/recoveries in ``health_alerts`` (one transaction,
 so the monitor and a Dagster ``health_alert_job`` never raise the same alert twice),
-then publishes ``health.alert`` / ``health.recovered`` to ``system-health`` and an audit
-record to ``audit-trail``. The Dagster sensors call the same three functions.
+with the ``health.alert`` / ``health.recovered`` events for ``system-health`` and their
+audit records for ``audit-trail`` in the publication outbox (runtime/publications.py).
+The Dagster sensors call the same three functions.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from confluent_kafka import KafkaException
 from horizons_platform import events as ev
 from horizons_platform.kafka.admin import PartitionLag, group_lag
 from horizons_platform.kafka.producer import Publisher
+from horizons_platform.runtime.publications import enqueue, enqueue_audit, publish_now
 from horizons_platform.services import health_rules as rules
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import Settings
@@ -116,8 +118,11 @@ def apply_evaluations(
     actor: str = "system-health-monitor",
     extra_rows: list[dict[str, Any]] | None = None,
 ) -> rules.Transitions:
-    """Record and publish what changed. Returns the transitions that were applied."""
+    """Record what changed, with the ``health.alert`` / ``health.recovered`` events and
+    their audit records in the publication outbox (same transaction), then publish them.
+    Returns the transitions that were applied."""
     now = datetime.now(UTC)
+    producer = f"{actor}@{socket.gethostname()}"
     with store.transaction() as con:
         open_rows = con.execute(
             "SELECT rule, subject, alert_id FROM health_alerts WHERE resolved_at IS NULL"
@@ -145,8 +150,8 @@ def apply_evaluations(
                 [now, e.value, alert_id],
             )
         tables.insert(con, "health_signals", extra_rows or [])
-    if publisher is not None and todo:
-        _publish(settings, publisher, raised, todo.resolve, actor)
+        ids = _enqueue(con, settings, raised, todo.resolve, actor, producer)
+    publish_now(store, publisher, ids)
     for r in raised:
         log.warning("health alert: %s", r["message"])
     for _, e in todo.resolve:
@@ -154,40 +159,26 @@ def apply_evaluations(
     return todo
 
 
-def _publish(
+ALERT_FIELDS = ("alert_id", "rule", "severity", "subject", "value", "threshold", "message")
+
+
+def _enqueue(
+    con: Any,
     settings: Settings,
-    publisher: Publisher,
     raised: list[dict[str, Any]],
     resolved: list[tuple[str, rules.Evaluation]],
     actor: str,
-) -> None:
-    producer = f"{actor}@{socket.gethostname()}"
+    producer: str,
+) -> list[str]:
+    ids = []
     for r in raised:
         alert = ev.new_event(
-            ev.HealthAlert,
-            producer=producer,
-            payload={
-                k: r[k]
-                for k in (
-                    "alert_id",
-                    "rule",
-                    "severity",
-                    "subject",
-                    "value",
-                    "threshold",
-                    "message",
-                )
-            },
+            ev.HealthAlert, producer=producer, payload={k: r[k] for k in ALERT_FIELDS}
         )
-        publisher.send_async(
-            settings.topic_system_health,
-            ev.encode(alert),
-            key=r["subject"],
-            headers=ev.headers_for(alert),
-        )
-        _audit(settings, publisher, producer, actor, "health.alert.raised", r)
+        ids.append(enqueue(con, settings.topic_system_health, alert, key=r["subject"]))
+        ids.append(enqueue_audit(con, settings, actor, "health.alert.raised", r, producer))
     for alert_id, e in resolved:
-        rec = ev.new_event(
+        recovered = ev.new_event(
             ev.HealthRecovered,
             producer=producer,
             payload={
@@ -198,44 +189,10 @@ def _publish(
                 "threshold": e.threshold,
             },
         )
-        publisher.send_async(
-            settings.topic_system_health, ev.encode(rec), key=e.subject, headers=ev.headers_for(rec)
-        )
-        _audit(
-            settings,
-            publisher,
-            producer,
-            actor,
-            "health.alert.recovered",
-            {"alert_id": alert_id, "rule": e.rule, "subject": e.subject, "value": e.value},
-        )
-    remaining = publisher.flush(10.0)
-    if remaining:
-        log.warning("health: %d alert messages not yet acknowledged by Kafka", remaining)
-
-
-def _audit(
-    settings: Settings,
-    publisher: Publisher,
-    producer: str,
-    actor: str,
-    action: str,
-    details: dict[str, Any],
-) -> None:
-    record = ev.new_event(
-        ev.AuditRecord,
-        producer=producer,
-        payload={
-            "action": action,
-            "actor": actor,
-            "details": {
-                k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in details.items()
-            },
-        },
-    )
-    publisher.send_async(
-        settings.topic_audit_trail, ev.encode(record), key=action, headers=ev.headers_for(record)
-    )
+        ids.append(enqueue(con, settings.topic_system_health, recovered, key=e.subject))
+        details = {"alert_id": alert_id, "rule": e.rule, "subject": e.subject, "value": e.value}
+        ids.append(enqueue_audit(con, settings, actor, "health.alert.recovered", details, producer))
+    return ids
 
 
 def check_once(

@@ -285,6 +285,7 @@ def audit_columns(batch: Batch, recorded_at: datetime) -> Columns:
         "occurred_at": occurred,
         "validation_error": reasons,
         "raw": [v or b"" for v in batch.values],
+        "cluster_id": [batch.cluster_id] * n,
     }
 
 
@@ -322,12 +323,13 @@ _AUDIT_SCHEMA = pa.schema(
         ("raw", pa.binary()),
         ("prev_hash", pa.string()),
         ("hash", pa.string()),
+        ("cluster_id", pa.string()),
     ]
 )
 _INSERT_AUDIT = (
     'INSERT INTO audit_log (seq, hash_rule, topic, "partition", "offset", recorded_at, '
     "valid, event_id, job_id, event_type, occurred_at, validation_error, raw, prev_hash, "
-    f"hash, payload) SELECT *, {PAYLOAD_OF_RAW} FROM horizons_audit"
+    f"hash, cluster_id, payload) SELECT *, {PAYLOAD_OF_RAW} FROM horizons_audit"
 )
 
 
@@ -364,7 +366,8 @@ class AuditHandler(Handler):
 
     def persist(self, con: duckdb.DuckDBPyConnection, rows: Tables, *, dedupe: bool = True) -> None:
         # Replays never reach this point: the loop fences on the stored offsets, and the
-        # UNIQUE (topic, partition, offset) constraint is the last line of defence.
+        # UNIQUE (cluster_id, topic, partition, offset) constraint is the last line of
+        # defence.
         columns = rows.pop("audit_log", None)
         if columns and columns["offset"]:
             # This host is the one writer of the chain (the store has one owner), so the

@@ -79,6 +79,9 @@ class Batch:
     timestamps: list[int]
     events: list[EventDict | None] = field(default_factory=list)
     errors: dict[int, EventDecodeError] = field(default_factory=dict)
+    # The Kafka cluster the records come from: topic/partition/offset name a message
+    # only within one cluster (rows keyed by them carry it).
+    cluster_id: str = ""
     _spans: dict[tuple[str, int], tuple[int, int]] | None = None
 
     def __len__(self) -> int:
@@ -118,6 +121,7 @@ class Batch:
             [self.timestamps[i] for i in indices],
             [self.events[i] for i in indices],
             {n: self.errors[i] for n, i in enumerate(indices) if i in self.errors},
+            self.cluster_id,
         )
 
     def spans(self) -> dict[tuple[str, int], tuple[int, int]]:

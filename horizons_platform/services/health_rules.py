@@ -19,6 +19,10 @@ BROKER_UNREACHABLE = "broker_unreachable"
 JOB_FAILURES = "job_failures"
 # Notifications failed for good, or claimed and never finished (a stuck sender).
 NOTIFICATIONS_UNDELIVERED = "notifications_undelivered"
+# Raised by a consumer group when it checks its stored offsets against the cluster
+# (kafka/offsets.py): events, not measurements, so no monitor evaluation resolves them.
+OFFSETS_INVALID = "offsets_invalid"
+MESSAGES_LOST = "messages_lost"
 
 LAG_RULES = (CONSUMER_LAG_MESSAGES, CONSUMER_LAG_SECONDS)
 ERROR_RULES = (HANDLER_ERROR_RATE, DEAD_LETTER_RATE, JOB_FAILURES, NOTIFICATIONS_UNDELIVERED)
@@ -72,6 +76,7 @@ class Evaluation:
     threshold: float
     severity: str
     breached: bool
+    detail: str = ""  # the whole message, where the numbers alone do not say enough
 
     @property
     def key(self) -> tuple[str, str]:
@@ -79,6 +84,8 @@ class Evaluation:
 
     @property
     def message(self) -> str:
+        if self.detail:
+            return self.detail
         verb = "above" if self.breached else "within"
         return (
             f"{self.rule} for {self.subject} is {self.value:g}, {verb} threshold {self.threshold:g}"

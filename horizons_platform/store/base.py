@@ -32,8 +32,10 @@ class StoreUnavailable(RuntimeError):
 
 
 def is_conflict(exc: BaseException) -> bool:
-    """A write-write conflict between two concurrent transactions (MVCC): retry it."""
-    return isinstance(exc, duckdb.TransactionException) or "conflict" in str(exc).lower()
+    """A write-write conflict between two concurrent transactions (MVCC): retry it.
+    (Not every TransactionException is one: "Failed to commit: Could not write file" is
+    the disk refusing the WAL — a store failure.)"""
+    return "conflict" in str(exc).lower() and not isinstance(exc, duckdb.ConstraintException)
 
 
 class StoreBase(ABC):

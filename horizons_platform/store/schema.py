@@ -209,6 +209,70 @@ MIGRATIONS: list[tuple[int, str]] = [
         UPDATE audit_log SET hash_rule = 1;
         """,
     ),
+    (
+        4,
+        # No silent loss (docs/decisions.md): offsets remember the Kafka cluster they
+        # belong to; so do the rows keyed by Kafka coordinates (audit_log, dead_letters),
+        # because after a cluster is replaced and a group reset to its beginning, the
+        # same topic/partition/offset names another message. DuckDB cannot alter a
+        # constraint, so those two tables are rebuilt (rows from before: cluster '').
+        # Events that must reach Kafka leave through an outbox (publications); a dead
+        # letter remembers that it was replayed.
+        """
+        ALTER TABLE consumer_offsets ADD COLUMN cluster_id VARCHAR;
+        CREATE TABLE publications (
+            publication_id VARCHAR PRIMARY KEY,
+            topic VARCHAR NOT NULL,
+            "key" VARCHAR,
+            value VARCHAR NOT NULL,
+            headers VARCHAR,
+            created_at TIMESTAMPTZ NOT NULL,
+            attempts INTEGER NOT NULL,
+            last_error VARCHAR
+        );
+        CREATE TABLE audit_log_v4 (
+            seq BIGINT PRIMARY KEY,
+            event_id VARCHAR,
+            job_id VARCHAR,
+            event_type VARCHAR,
+            occurred_at TIMESTAMPTZ,
+            recorded_at TIMESTAMPTZ NOT NULL,
+            topic VARCHAR NOT NULL,
+            "partition" INTEGER NOT NULL,
+            "offset" BIGINT NOT NULL,
+            valid BOOLEAN NOT NULL,
+            validation_error VARCHAR,
+            payload JSON,
+            raw BLOB,
+            prev_hash VARCHAR NOT NULL,
+            hash VARCHAR NOT NULL,
+            hash_rule INTEGER,
+            cluster_id VARCHAR NOT NULL,
+            UNIQUE (cluster_id, topic, "partition", "offset")
+        );
+        INSERT INTO audit_log_v4 SELECT *, '' FROM audit_log;
+        DROP TABLE audit_log;
+        ALTER TABLE audit_log_v4 RENAME TO audit_log;
+        CREATE TABLE dead_letters_v4 (
+            consumer_group VARCHAR NOT NULL,
+            topic VARCHAR NOT NULL,
+            "partition" INTEGER NOT NULL,
+            "offset" BIGINT NOT NULL,
+            error_class VARCHAR NOT NULL,
+            error_message VARCHAR NOT NULL,
+            raw BLOB,
+            "key" BLOB,
+            received_at TIMESTAMPTZ NOT NULL,
+            cluster_id VARCHAR NOT NULL,
+            replayed_at TIMESTAMPTZ,
+            replayed_as VARCHAR,
+            PRIMARY KEY (consumer_group, cluster_id, topic, "partition", "offset")
+        );
+        INSERT INTO dead_letters_v4 SELECT *, '', NULL, NULL FROM dead_letters;
+        DROP TABLE dead_letters;
+        ALTER TABLE dead_letters_v4 RENAME TO dead_letters;
+        """,
+    ),
 ]
 
 

@@ -29,8 +29,9 @@ TABLE_KEYS: dict[str, tuple[str, ...]] = {
     "notifications": ("notification_id",),
     "notification_queue": ("notification_id",),
     "health_alerts": ("alert_id",),
-    "dead_letters": ("consumer_group", "topic", "partition", "offset"),
+    "dead_letters": ("consumer_group", "cluster_id", "topic", "partition", "offset"),
     "health_signals": (),
+    "publications": ("publication_id",),
 }
 
 
@@ -198,27 +199,49 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -
 
 
 def save_offsets(
-    con: duckdb.DuckDBPyConnection, group: str, next_offsets: dict[tuple[str, int], int]
+    con: duckdb.DuckDBPyConnection,
+    group: str,
+    next_offsets: dict[tuple[str, int], int],
+    cluster_id: str | None = None,
 ) -> None:
+    """Set the group's next offsets (and, when given, the Kafka cluster they belong to)."""
     if not next_offsets:
         return
     now = datetime.now(UTC)
-    rows = [
-        {"consumer_group": group, "topic": t, "partition": p, "next_offset": o, "updated_at": now}
-        for (t, p), o in next_offsets.items()
-    ]
-    con.register("_horizons_offsets", pa.Table.from_pylist(rows))
-    try:
-        con.execute(
-            """
-            INSERT INTO consumer_offsets SELECT consumer_group, topic, "partition",
-                next_offset, updated_at FROM _horizons_offsets
-            ON CONFLICT (consumer_group, topic, "partition") DO UPDATE SET
-                next_offset = excluded.next_offset, updated_at = excluded.updated_at
-            """
-        )
-    finally:
-        con.unregister("_horizons_offsets")
+    # Found by name by DuckDB (a replacement scan).
+    _horizons_offsets = pa.Table.from_pylist(
+        [
+            {
+                "consumer_group": group,
+                "topic": t,
+                "partition": p,
+                "next_offset": o,
+                "updated_at": now,
+                "cluster_id": cluster_id,
+            }
+            for (t, p), o in next_offsets.items()
+        ],
+        schema=pa.schema(
+            [
+                ("consumer_group", pa.string()),
+                ("topic", pa.string()),
+                ("partition", pa.int32()),
+                ("next_offset", pa.int64()),
+                ("updated_at", pa.timestamp("us", tz="UTC")),
+                ("cluster_id", pa.string()),
+            ]
+        ),
+    )
+    con.execute(
+        """
+        INSERT INTO consumer_offsets
+            (consumer_group, topic, "partition", next_offset, updated_at, cluster_id)
+        SELECT * FROM _horizons_offsets
+        ON CONFLICT (consumer_group, topic, "partition") DO UPDATE SET
+            next_offset = excluded.next_offset, updated_at = excluded.updated_at,
+            cluster_id = coalesce(excluded.cluster_id, consumer_offsets.cluster_id)
+        """
+    )
 
 
 def advance_offsets(
@@ -252,6 +275,18 @@ def stored_offsets(con: duckdb.DuckDBPyConnection, group: str) -> dict[tuple[str
         [group],
     ).fetchall()
     return {(t, p): o for t, p, o in rows}
+
+
+def stored_positions(
+    con: duckdb.DuckDBPyConnection, group: str
+) -> dict[tuple[str, int], tuple[int, str | None]]:
+    """(next offset, Kafka cluster id) per partition of ``group``."""
+    rows = con.execute(
+        'SELECT topic, "partition", next_offset, cluster_id FROM consumer_offsets '
+        "WHERE consumer_group = ?",
+        [group],
+    ).fetchall()
+    return {(t, p): (o, c) for t, p, o, c in rows}
 
 
 def audit_tail(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:

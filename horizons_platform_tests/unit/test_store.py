@@ -75,6 +75,7 @@ def test_inserts_are_idempotent_on_the_key(tmp_path: Path) -> None:
         "raw": b"x",
         "key": None,
         "received_at": now,
+        "cluster_id": "c1",
     }
     for _ in range(3):
         with store.transaction() as con:

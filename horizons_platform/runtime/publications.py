@@ -1,0 +1,199 @@
+"""The publication outbox: events that must reach Kafka leave from the store.
+
+An alert, a recovery or an audit record (a retention run, an offsets reset, a dead-letter
+replay) is written to ``publications`` in the same transaction as the state that caused
+it, then published from there and deleted once Kafka acknowledged it. A broker outage
+delays it; it never drops it. Delivery to Kafka is at-least-once (the event_id in every
+envelope identifies a repeat).
+
+Who publishes: the writer itself right after its commit (:func:`publish_now`, so an
+alert is on the topic within milliseconds when the broker is up), and the host's
+:class:`PublicationDispatcher`, which picks up whatever is left — written while the
+broker was down, or by a process that exited before the broker came back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message
+
+from horizons_platform import events as ev
+from horizons_platform.kafka.producer import Publisher
+from horizons_platform.settings import Settings
+from horizons_platform.store import tables
+from horizons_platform.store.base import StoreBase
+from horizons_platform.store.sql import literal
+
+log = logging.getLogger(__name__)
+
+# The dispatcher leaves fresh rows to the process that wrote them (publish_now) for this
+# long, so the two rarely send the same row twice.
+DISPATCH_AFTER_S = 5.0
+BATCH = 500
+
+
+def enqueue(con: Any, topic: str, event: ev.Envelope, *, key: str | None = None) -> str:
+    """Add ``event`` to the outbox inside the caller's transaction; returns its id."""
+    tables.insert(
+        con,
+        "publications",
+        [
+            {
+                "publication_id": str(event.event_id),
+                "topic": topic,
+                "key": key if key is not None else event.job_id,
+                "value": ev.encode(event).decode(),
+                "headers": json.dumps([[k, v.decode()] for k, v in ev.headers_for(event)]),
+                "created_at": datetime.now(UTC),
+                "attempts": 0,
+                "last_error": None,
+            }
+        ],
+    )
+    return str(event.event_id)
+
+
+def audit_event(actor: str, action: str, details: dict[str, Any], producer: str) -> ev.Envelope:
+    """An ``audit.record`` for ``audit-trail`` (what the auditor stores, chained)."""
+    return ev.new_event(
+        ev.AuditRecord,
+        producer=producer,
+        payload={
+            "action": action,
+            "actor": actor,
+            "details": {
+                k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in details.items()
+            },
+        },
+    )
+
+
+def enqueue_audit(
+    con: Any, settings: Settings, actor: str, action: str, details: dict[str, Any], producer: str
+) -> str:
+    return enqueue(
+        con, settings.topic_audit_trail, audit_event(actor, action, details, producer), key=action
+    )
+
+
+def publish(
+    store: StoreBase,
+    publisher: Publisher,
+    *,
+    ids: list[str] | None = None,
+    older_than_s: float = 0.0,
+    timeout: float = 10.0,
+) -> tuple[int, int]:
+    """Send pending publications (``ids``, or all older than ``older_than_s``), delete the
+    ones Kafka acknowledged. Returns (published, still pending among those tried)."""
+    if ids is not None and not ids:
+        return 0, 0
+    where = (
+        f"publication_id IN ({', '.join(literal(i) for i in ids)})"
+        if ids is not None
+        else f"created_at <= now() - to_milliseconds({int(older_than_s * 1000)})"
+    )
+    with store.reader() as con:
+        rows = con.execute(
+            f'SELECT publication_id, topic, "key", value, headers FROM publications '
+            f"WHERE {where} ORDER BY created_at LIMIT {BATCH}"
+        ).fetchall()
+    if not rows:
+        return 0, 0
+    acked: list[str] = []
+    errors: dict[str, str] = {}
+    lock = threading.Lock()
+
+    def report(pid: str) -> Any:
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+            with lock:
+                if err is None:
+                    acked.append(pid)
+                else:
+                    errors[pid] = err.str()
+
+        return on_delivery
+
+    for pid, topic, key, value, headers in rows:
+        try:
+            publisher.send_async(
+                topic,
+                value.encode(),
+                key=key,
+                headers=[(k, v.encode()) for k, v in json.loads(headers or "[]")],
+                on_delivery=report(pid),
+            )
+        except KafkaException as exc:
+            errors[pid] = str(exc)
+    publisher.flush(timeout)
+    with lock:
+        done, failed = list(acked), dict(errors)
+    if done or failed:
+        with store.transaction() as con:
+            if done:
+                con.execute(
+                    "DELETE FROM publications WHERE publication_id IN "
+                    f"({', '.join(literal(i) for i in done)})"
+                )
+            for pid, error in failed.items():
+                con.execute(
+                    "UPDATE publications SET attempts = attempts + 1, last_error = ? "
+                    "WHERE publication_id = ?",
+                    [error[:500], pid],
+                )
+    pending = len(rows) - len(done)
+    if pending:
+        log.warning(
+            "publications: %d of %d not acknowledged by Kafka yet; they stay in the outbox",
+            pending,
+            len(rows),
+        )
+    return len(done), pending
+
+
+def publish_now(store: StoreBase, publisher: Publisher | None, ids: list[str]) -> None:
+    """Best effort right after the commit; the host's dispatcher retries what is left."""
+    if publisher is None or not ids:
+        return
+    try:
+        publish(store, publisher, ids=ids)
+    except Exception:
+        log.exception("publications: could not publish now; the host's dispatcher will")
+
+
+class PublicationDispatcher:
+    """In the consumer host: publishes what is left in the outbox, with backoff."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: StoreBase,
+        publisher: Publisher,
+        stop_event: threading.Event,
+        interval_s: float = 1.0,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.publisher = publisher
+        self.stop_event = stop_event
+        self.interval_s = interval_s
+        self.published = 0
+
+    def run(self) -> None:
+        delay = self.interval_s
+        while not self.stop_event.wait(delay):
+            try:
+                sent, pending = publish(self.store, self.publisher, older_than_s=DISPATCH_AFTER_S)
+                self.published += sent
+                # Back off while the broker refuses; drain at once while it accepts.
+                delay = (
+                    min(delay * 2, 15.0) if pending else (0.0 if sent >= BATCH else self.interval_s)
+                )
+            except Exception:
+                log.exception("publications: dispatch failed; retrying")
+                delay = min(max(delay, 1.0) * 2, 15.0)

@@ -1,0 +1,390 @@
+"""No silent loss (issue 11), each case against a real broker and a real DuckDB file:
+a replaced cluster, messages Kafka deleted before a group read them, an alert raised
+while the broker is down, dead letters fixed and replayed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+from horizons_platform import events as ev
+from horizons_platform.host import Host
+from horizons_platform.kafka.admin import ensure_topics
+from horizons_platform.kafka.broker import EmbeddedBroker
+from horizons_platform.kafka.consumer import EXIT_OFFSETS, EXIT_STORE
+from horizons_platform.kafka.producer import Publisher
+from horizons_platform.runtime.monitor import apply_evaluations
+from horizons_platform.services import health_rules
+from horizons_platform.services.orchestrator import JobOrchestratorService
+from horizons_platform.settings import Settings
+from horizons_platform.store.client import Store
+from horizons_platform_tests.conftest import make_settings
+from horizons_platform_tests.support import (
+    SmtpSink,
+    end_offsets,
+    free_port,
+    horizons,
+    read_topic,
+    start_consumer,
+    wait_for,
+)
+
+OWNER = "ada@observatory.example"
+AUDITOR = "compliance-auditor"
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path, smtp: SmtpSink) -> Iterator[tuple[EmbeddedBroker, Settings]]:
+    """A broker of this test's own (it is stopped, wiped and replaced here)."""
+    port, controller = free_port(), free_port()
+    var = tmp_path / "var"
+    broker = EmbeddedBroker(
+        Settings(var_dir=var, broker_port=port, broker_controller_port=controller)  # type: ignore[arg-type]
+    )
+    broker.start(progress=lambda _: None)
+    try:
+        settings = make_settings(
+            f"127.0.0.1:{port}",
+            var,
+            smtp.port,
+            broker_port=port,
+            broker_controller_port=controller,
+            broker_grace_s=120.0,
+        )
+        yield broker, settings
+    finally:
+        broker.stop()
+
+
+def _run_jobs(settings: Settings, prefix: str, n: int) -> int:
+    """n jobs submitted, started and completed; returns the number of events."""
+    orch = JobOrchestratorService(settings, recover=False, wait=False)
+    for i in range(n):
+        orch.submit_job(f"{prefix}-{i}", owner=OWNER, job_type="imaging")
+        orch.start_job(f"{prefix}-{i}")
+        orch.complete_job(f"{prefix}-{i}")
+    orch.flush()
+    return 3 * n
+
+
+def _audited(store: Store, prefix: str) -> tuple[int, int]:
+    """(rows, distinct events) in audit_log for jobs named ``prefix``-*."""
+    _, rows = store.query(
+        "SELECT count(*), count(DISTINCT event_id) FROM audit_log WHERE job_id LIKE ?",
+        [f"{prefix}-%"],
+    )
+    return rows[0]
+
+
+def test_a_replaced_cluster_stops_the_group_loudly_until_its_offsets_are_reset(
+    private_broker: tuple[EmbeddedBroker, Settings], tmp_path: Path
+) -> None:
+    broker, settings = private_broker
+    store = Store(settings)
+    store.ensure_schema()
+    log = tmp_path / "consume.log"
+    proc = start_consumer(settings, log, services=[AUDITOR])
+    try:
+        before = _run_jobs(settings, "before", 10)
+        wait_for(lambda: _audited(store, "before") == (before, before), 60, what="first jobs")
+
+        # The runbook's old recovery step, with the auditor running: stop the broker,
+        # remove its data, start it again — a new cluster behind the same address.
+        broker.stop()
+        shutil.rmtree(broker.data_dir)
+        broker.start(progress=lambda _: None)
+        ensure_topics(settings)
+        after = _run_jobs(settings, "after", 4)
+
+        code = proc.wait(120)
+        output = log.read_text()
+        print(output[-3000:])
+        assert code == EXIT_OFFSETS, output[-3000:]
+        assert "horizons offsets reset --group compliance-auditor --to earliest" in output
+        assert "but the broker is cluster" in output or "high watermark" in output
+        assert _audited(store, "after")[0] == 0  # nothing stored at the wrong offsets
+        _, alerts = store.query(
+            "SELECT severity, message FROM health_alerts WHERE rule = 'offsets_invalid'"
+        )
+        assert alerts and alerts[0][0] == "critical"
+
+        shown = horizons(settings, "offsets", "show", "--group", AUDITOR)
+        print(shown.stdout)
+        assert shown.returncode == 1 and "OTHER CLUSTER" in shown.stdout
+
+        refused = horizons(settings, "offsets", "reset", "--group", AUDITOR, "--to", "earliest")
+        assert refused.returncode == 1 and "--yes" in refused.stderr  # confirmation asked
+
+        reset = horizons(
+            settings, "offsets", "reset", "--group", AUDITOR, "--to", "earliest", "--yes"
+        )
+        print(reset.stdout, reset.stderr)
+        assert reset.returncode == 0, reset.stderr
+        assert horizons(settings, "offsets", "show", "--group", AUDITOR).returncode == 0
+
+        proc = start_consumer(settings, log, services=[AUDITOR])
+        wait_for(lambda: _audited(store, "after") == (after, after), 60, what="new events")
+        # The reset itself is in the audit trail, and the group's alert is resolved.
+        wait_for(
+            lambda: store.scalar(
+                "SELECT count(*) FROM audit_log WHERE (payload->>'$.action') = 'offsets.reset'"
+            ),
+            60,
+            what="the reset's audit record",
+        )
+        assert (
+            store.scalar(
+                "SELECT count(*) FROM health_alerts "
+                "WHERE rule = 'offsets_invalid' AND resolved_at IS NULL"
+            )
+            == 0
+        )
+        print(f"produced after the replacement: {after}, stored: {_audited(store, 'after')}")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def test_messages_deleted_before_the_group_read_them_raise_an_alert_with_the_count(
+    settings: Settings, host_factory: Callable[..., Host]
+) -> None:
+    store = Store(settings)
+    host = host_factory(settings, (AUDITOR,))
+    first = _run_jobs(settings, "kept", 4)
+    wait_for(lambda: _audited(store, "kept") == (first, first), 60, what="first jobs")
+    host.stop()
+    host.join(30)
+
+    # While the group is stopped, jobs arrive and Kafka's retention deletes them unread.
+    deleted = _run_jobs(settings, "expired", 6)
+    topic = settings.topic_job_lifecycle
+    ends = end_offsets(settings, topic)
+    admin = AdminClient(settings.kafka_config())
+    futures = admin.delete_records([TopicPartition(topic, p, o) for p, o in ends.items()])
+    for future in futures.values():
+        future.result(30)
+
+    host_factory(settings, (AUDITOR,))
+    last = _run_jobs(settings, "later", 2)
+    wait_for(lambda: _audited(store, "later") == (last, last), 60, what="later jobs")
+    _, alerts = store.query(
+        "SELECT value, message FROM health_alerts WHERE rule = 'messages_lost' ORDER BY subject"
+    )
+    print("\n".join(m for _, m in alerts))
+    assert sum(v for v, _ in alerts) == deleted
+    assert all("deleted by Kafka before this group read them" in m for _, m in alerts)
+    assert _audited(store, "expired") == (0, 0)
+
+
+def test_an_alert_raised_while_the_broker_is_down_reaches_kafka_when_it_returns(
+    private_broker: tuple[EmbeddedBroker, Settings], host_factory: Callable[..., Host]
+) -> None:
+    broker, settings = private_broker
+    store = Store(settings)
+    host_factory(settings, (AUDITOR,))
+    broker.stop()
+
+    breach = health_rules.Evaluation("consumer_lag_messages", "drill", 5000, 1000, "warning", True)
+    apply_evaluations(settings, store, Publisher(settings, delivery_timeout_s=2.0), [breach])
+    # Committed with the alert, waiting in the outbox: the alert and its audit record.
+    assert store.scalar("SELECT count(*) FROM health_alerts WHERE subject = 'drill'") == 1
+    assert store.scalar("SELECT count(*) FROM publications") == 2
+
+    broker.start(progress=lambda _: None)
+    wait_for(
+        lambda: store.scalar("SELECT count(*) FROM publications") == 0,
+        90,
+        what="the outbox to drain once the broker is back",
+    )
+    alerts = [
+        json.loads(m.value())
+        for m in read_topic(settings, settings.topic_system_health)
+        if dict(m.headers() or []).get("event_type") == ev.HEALTH_ALERT.encode()
+    ]
+    assert [a["payload"]["subject"] for a in alerts].count("drill") == 1
+    wait_for(
+        lambda: store.scalar(
+            "SELECT count(*) FROM audit_log WHERE (payload->>'$.action') = "
+            "'health.alert.raised' AND (payload->>'$.details.subject') = 'drill'"
+        ),
+        60,
+        what="the alert's record in the audit trail",
+    )
+
+
+def _event(job_id: str, event_type: str, payload: dict[str, object]) -> dict[str, object]:
+    event = ev.new_event(
+        {ev.JOB_STARTED: ev.JobStarted, ev.JOB_COMPLETED: ev.JobCompleted}[event_type],
+        producer="test",
+        job_id=job_id,
+        payload=payload,
+    )
+    return json.loads(ev.encode(event))
+
+
+def test_dead_letters_fixed_and_replayed_are_stored_once_and_never_move_a_job_back(
+    settings: Settings, host_factory: Callable[..., Host], tmp_path: Path
+) -> None:
+    store = Store(settings)
+    host_factory(settings, ("metrics", AUDITOR))
+    publisher = Publisher(settings)
+    orch = JobOrchestratorService(settings, recover=False)
+    orch.submit_job("dlq-done", owner=OWNER, job_type="imaging")
+    started = _event(
+        "dlq-done", ev.JOB_STARTED, {"worker": "w1", "owner": OWNER, "job_type": "imaging"}
+    )
+    orch.start_job("dlq-done")
+    orch.complete_job("dlq-done")
+    # Three events that break the schema: a start without its worker's type, two
+    # completions whose output size is not a number.
+    broken = []
+    for i in range(2):
+        good = _event(
+            f"dlq-{i}",
+            ev.JOB_COMPLETED,
+            {"output_bytes": 10, "owner": OWNER, "job_type": "imaging"},
+        )
+        broken.append((good, {**good, "payload": {**good["payload"], "output_bytes": "lots"}}))
+    old_start = {**started, "payload": {**started["payload"], "worker": {"not": "a name"}}}
+    broken.append((started, old_start))
+    for _, bad in broken:
+        publisher.send(
+            settings.topic_job_lifecycle, json.dumps(bad).encode(), key=str(bad["job_id"])
+        )
+    wait_for(
+        lambda: (
+            store.scalar(
+                'SELECT count(DISTINCT (topic, "partition", "offset")) FROM dead_letters '
+                "WHERE consumer_group = 'metrics'"
+            )
+            == 3
+        ),
+        60,
+        what="three dead letters",
+    )
+    wait_for(
+        lambda: store.scalar("SELECT status FROM jobs WHERE job_id = 'dlq-done'") == "completed", 60
+    )
+
+    listed = horizons(settings, "dlq", "list", "--group", "metrics", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    letters = {json.loads(x["raw"])["event_id"]: x["ref"] for x in json.loads(listed.stdout)}
+    assert len(letters) == 3
+    shown = horizons(settings, "dlq", "show", letters[broken[0][1]["event_id"]])
+    assert shown.returncode == 0 and "output_bytes" in shown.stdout
+
+    # Fix each and replay it, twice: stored once.
+    for good, bad in broken:
+        fixed = tmp_path / f"{good['event_id']}.json"
+        fixed.write_text(json.dumps(good))
+        ref = letters[bad["event_id"]]
+        first = horizons(settings, "dlq", "replay", ref, "--value-file", str(fixed), "--yes")
+        assert first.returncode == 0, first.stderr
+        again = horizons(settings, "dlq", "replay", ref, "--yes")
+        assert again.returncode == 0 and "already replayed" in again.stdout
+        forced = horizons(
+            settings, "dlq", "replay", ref, "--value-file", str(fixed), "--yes", "--force"
+        )
+        assert forced.returncode == 0, forced.stderr
+    ids = [str(good["event_id"]) for good, _ in broken]
+    wait_for(
+        lambda: (
+            store.scalar(
+                "SELECT count(*) FROM audit_log WHERE valid AND event_id IN (?, ?, ?)", ids
+            )
+            == 6
+        ),  # two deliveries each (replayed, then forced), both audited
+        60,
+        what="the replays to be audited",
+    )
+    wait_for(
+        lambda: (
+            store.scalar("SELECT count(*) FROM job_events WHERE event_id IN (?, ?, ?)", ids) == 3
+        ),
+        60,
+        what="each replayed event stored once",
+    )
+    # The old job.started, replayed after its job completed, leaves it completed.
+    assert store.scalar("SELECT status FROM jobs WHERE job_id = 'dlq-done'") == "completed"
+    wait_for(
+        lambda: (
+            store.scalar(
+                "SELECT count(*) FROM audit_log WHERE (payload->>'$.action') = 'dlq.replay'"
+            )
+            == 6
+        ),
+        60,
+        what="every replay in the audit trail",
+    )
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("chattr") is None,
+    reason="the fault (an immutable WAL file) needs root and chattr",
+)
+def test_a_failing_store_stops_the_consumer_with_nothing_dead_lettered_or_committed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    store = Store(settings)
+    store.ensure_schema()
+    log = tmp_path / "consume.log"
+    groups = [AUDITOR, "metrics"]
+    proc = start_consumer(settings, log, services=groups, store_retry_s=3)
+    wal = Path(f"{settings.database}.wal")
+    try:
+        first = _run_jobs(settings, "ok", 5)
+        wait_for(lambda: _audited(store, "ok") == (first, first), 60, what="first jobs")
+        wait_for(wal.exists, 10, what="the WAL file")
+        # The disk refuses every write of the store (as a full or failing disk would).
+        subprocess.run(["chattr", "+i", str(wal)], check=True)
+        try:
+            second = _run_jobs(settings, "refused", 5)
+            code = proc.wait(120)
+        finally:
+            subprocess.run(["chattr", "-i", str(wal)], check=True)
+        output = log.read_text()
+        assert code == EXIT_STORE, output[-3000:]
+        assert "the store kept failing" in output and "retrying the batch" in output
+
+        assert store.scalar("SELECT count(*) FROM dead_letters") == 0
+        assert _audited(store, "refused") == (0, 0)
+        topic = settings.topic_job_lifecycle
+        stored = {
+            (g, p): o
+            for g, p, o in store.query(
+                'SELECT consumer_group, "partition", next_offset FROM consumer_offsets '
+                "WHERE topic = ?",
+                [topic],
+            )[1]
+        }
+        for group in groups:
+            assert sum(o for (g, _), o in stored.items() if g == group) == first
+            # Kafka's committed offsets never ran ahead of what the store holds.
+            consumer = Consumer(settings.kafka_config(**{"group.id": group}))
+            try:
+                committed = consumer.committed(
+                    [TopicPartition(topic, p) for p in range(6)], timeout=10
+                )
+            finally:
+                consumer.close()
+            for tp in committed:
+                assert tp.offset <= stored.get((group, tp.partition), 0), (group, tp)
+
+        # The fault removed: everything arrives, once.
+        proc = start_consumer(settings, log, services=groups)
+        wait_for(lambda: _audited(store, "refused") == (second, second), 60, what="the rest")
+        assert (
+            store.scalar("SELECT count(*) FROM job_events WHERE job_id LIKE 'refused-%'") == second
+        )
+        print(f"produced during the fault: {second}, stored after it: {_audited(store, 'refused')}")
+    finally:
+        proc.terminate()
+        proc.wait(60)
