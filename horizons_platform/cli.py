@@ -172,20 +172,18 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_audit(args: argparse.Namespace) -> int:
-    from horizons_platform.services.audit import verify_store
+    from horizons_platform.runtime.audit_check import check_trail
     from horizons_platform.store.client import Store
 
-    # One snapshot, read beside the consumers: never inside a write transaction.
-    with Store(_settings()).snapshot() as con:
-        result = verify_store(con)
-    if result.ok:
-        print(f"audit chain verified: {result.checked} records")
-        return 0
-    print(
-        f"audit chain BROKEN at seq {result.first_bad_seq}: {result.reason} "
-        f"({result.checked} records verified before it)"
-    )
-    return 1
+    settings = _settings()
+    # Read beside the consumers from one snapshot; never inside a write transaction.
+    result = check_trail(Store(settings), settings, full=args.full, witness=not args.no_witness)
+    print(result.summary())
+    for note in result.notes:
+        print(f"  {note}")
+    if result.ok and result.unsigned_tail:
+        print(f"  {result.unsigned_tail} newest records are not under a signed head yet")
+    return 0 if result.ok else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -199,9 +197,24 @@ def cmd_report(args: argparse.Namespace) -> int:
             "compliance_report_job in Dagster"
         )
         return 1
+    per_table = report.pop("tables", {}) or {}
+    pem = report.pop("public_key", None)
     width = max(len(k) for k in report)
     for key, value in report.items():
         print(f"{key.ljust(width)}  {value}")
+    if pem:
+        print(
+            f"{'public_key'.ljust(width)}  " + pem.strip().replace("\n", "\n" + " " * (width + 2))
+        )
+    if per_table:
+        print("\nretention per table (by the platform's clock):")
+        _print_table(
+            ["table", "oldest row", "kept (days)", "expired rows", "within policy"],
+            [
+                [t, p["oldest"], p["retention_days"], p["expired_rows"], p["within_policy"]]
+                for t, p in per_table.items()
+            ],
+        )
     return 0
 
 
@@ -296,8 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "verify-audit",
-        help="recompute the audit hash chain",
-        description="Exit 1 and name the first bad row when the chain is broken.",
+        help="verify the audit trail against its signed heads",
+        description="Recompute the hash chain, check it against the Ed25519-signed heads "
+        "and retention checkpoints (key: var/keys/audit-signing.pub, or "
+        "HORIZONS_AUDIT_SIGNING_KEY_FILE), and the newest head against the newest one "
+        "published on audit-trail. Incremental: starts where the last successful run "
+        "ended. Exit 1 naming the first bad seq or head.",
+    )
+    p.add_argument("--full", action="store_true", help="verify every record, not only new ones")
+    p.add_argument(
+        "--no-witness", action="store_true", help="do not ask Kafka for the newest published head"
     )
     p.set_defaults(func=cmd_verify_audit)
 

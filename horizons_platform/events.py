@@ -320,6 +320,21 @@ def encode(event: Envelope) -> bytes:
     return event.model_dump_json().encode("utf-8")
 
 
+def audit_record(actor: str, action: str, details: dict[str, Any], producer: str) -> Any:
+    """An ``audit.record`` for ``audit-trail`` (what the auditor stores, chained)."""
+    return new_event(
+        AuditRecord,
+        producer=producer,
+        payload={
+            "action": action,
+            "actor": actor,
+            "details": {
+                k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in details.items()
+            },
+        },
+    )
+
+
 def headers_for(event: Envelope) -> list[tuple[str, bytes]]:
     return [
         ("event_type", event.event_type.encode()),

@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     var_dir: Path = Path("var")
     duckdb_path: Path | None = None  # default: <var_dir>/horizons.duckdb
     dagster_home: Path | None = None  # default: <var_dir>/dagster
+    # The Ed25519 key that signs the audit chain's heads: outside DuckDB (default
+    # <var_dir>/keys/audit-signing.pem, created 0600 on first start). In production, a
+    # path on a volume the database host's other users cannot read.
+    audit_signing_key_file: Path | None = None
+    audit_head_interval_s: float = 2.0  # a signed head at least this often while events flow
+    # How long health samples and resolved alerts are kept (personal data: retention_days).
+    health_retention_days: int = 30
 
     # --- Kafka ---------------------------------------------------------------------
     # An existing cluster; when set, the embedded broker is never started.
@@ -151,6 +158,10 @@ class Settings(BaseSettings):
     @cached_property
     def dagster_dir(self) -> Path:
         return self.dagster_home or self.var_dir / "dagster"
+
+    @cached_property
+    def signing_key_file(self) -> Path:
+        return self.audit_signing_key_file or self.var_dir / "keys" / "audit-signing.pem"
 
     @cached_property
     def broker_dir(self) -> Path:

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from email import message_from_bytes
 from email.message import Message
 from pathlib import Path
@@ -173,6 +174,8 @@ def running(target: Callable[[], Any]) -> Iterator[threading.Thread]:
 
 _ENV_FIELDS = (
     "kafka_bootstrap",
+    "duckdb_path",
+    "audit_signing_key_file",
     "smtp_port",
     "store_port",
     "group_instance_id",
@@ -224,3 +227,26 @@ def start_consumer(
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+def record_in_the_past(
+    store: Any, events: list[tuple[bytes, datetime]], topic: str = "archive"
+) -> None:
+    """Audit rows exactly as the auditor writes them (chained by the project's own code),
+    but recorded at the given times: a store that has been running for months. The
+    auditor cannot be asked to record in the past, so tests of retention by recorded_at
+    start here. Call it before a host writes to the store (a running auditor keeps the
+    chain's tail in memory)."""
+    from horizons_platform.services.audit import AuditHandler, audit_columns
+    from horizons_platform.services.base import Batch
+
+    handler = AuditHandler(store.settings)
+    store.ensure_schema()
+    with store.transaction() as con:
+        first = con.execute(
+            'SELECT coalesce(max("offset"), -1) + 1 FROM audit_log WHERE topic = ?', [topic]
+        ).fetchall()[0][0]
+        for i, (value, at) in enumerate(events):
+            batch = Batch.decode([topic], [0], [first + i], [None], [value], [0])
+            handler.persist(con, {"audit_log": audit_columns(batch, at)})
+            handler.after_commit({})

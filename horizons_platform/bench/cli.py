@@ -24,8 +24,9 @@ BENCHMARKS: dict[str, str] = {
     "query": "a ~15 s analytical query through the owner while events stream: commit gaps",
     "outbox": "e-mails/s from the notification outbox to a loopback SMTP server",
     "faults": "fault injection: kills, broker restarts, a held snapshot, SMTP down, poison",
+    "audit": "verify-audit on a large trail: the full run's records/s, then after 1,000 new",
 }
-ALL_ORDER = ("ingest", "latency", "query", "outbox", "burst", "memory", "soak", "faults")
+ALL_ORDER = ("ingest", "latency", "query", "outbox", "burst", "memory", "soak", "faults", "audit")
 
 EPILOG = """\
 Each benchmark starts the embedded broker on HORIZONS_BROKER_PORT if it is not running
@@ -130,6 +131,13 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[
         metavar="SCENARIO",
         help="run only these scenarios (repeatable): kills, broker, dblock, smtp, fuzz, "
         "hostile, oversized",
+    )
+    _common(p)
+
+    p = _parser(bench, "audit")
+    p.add_argument("--records", type=int, default=3_000_000, help="trail size (default 3,000,000)")
+    p.add_argument(
+        "--new", type=int, default=1_000, help="records added before the incremental run"
     )
     _common(p)
 

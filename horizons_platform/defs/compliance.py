@@ -5,7 +5,7 @@ The audit chain and retention logic live in :mod:`horizons_platform.services.aud
 """
 
 import socket
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import dagster as dg
@@ -17,9 +17,13 @@ from horizons_platform.defs.resources import (
     HorizonsSettings,
     KafkaPublisher,
 )
+from horizons_platform.runtime.audit_check import check_trail
 from horizons_platform.runtime.publications import enqueue_audit, publish_now
-from horizons_platform.services.audit import verify_store
-from horizons_platform.services.compliance import generate_report, run_retention
+from horizons_platform.services.compliance import (
+    generate_report,
+    retention_by_table,
+    run_retention,
+)
 
 COMPLIANCE_GROUP = "compliance"
 REPORT_FIELDS = ("total_events", "jobs_covered", "retention_status", "retention_compliant")
@@ -31,49 +35,62 @@ REPORT_FIELDS = ("total_events", "jobs_covered", "retention_status", "retention_
 @dg.asset_check(
     asset=audit_log.key,
     blocking=True,
-    description="Recompute the SHA-256 hash chain over the whole audit log; gaps are "
-    "allowed only where a retention checkpoint recorded removing exactly those records.",
+    description="The audit trail verifies: the SHA-256 hash chain (incrementally, from the "
+    "last verified record), every Ed25519-signed head and retention checkpoint, every "
+    "signed head still matching its row, and the newest head published on audit-trail "
+    "held by the store.",
 )
-def audit_chain_verifies(duckdb: DuckDBStore) -> dg.AssetCheckResult:
-    with duckdb.get().reader() as con:
-        chain = verify_store(con)
+def audit_chain_verifies(duckdb: DuckDBStore, settings: HorizonsSettings) -> dg.AssetCheckResult:
+    chain = check_trail(duckdb.get(), settings.get())
+    metadata: dict[str, Any] = {
+        "records_verified": chain.checked,
+        "signed_heads_verified": chain.heads_verified,
+        "first_bad_seq": chain.first_bad_seq or 0,
+        "unsigned_tail": chain.unsigned_tail,
+    }
+    if chain.newest_head is not None:
+        metadata["newest_signed_head_seq"] = chain.newest_head.seq
+        metadata["newest_signed_head_at"] = dg.MetadataValue.timestamp(chain.newest_head.signed_at)
+    if chain.notes:
+        metadata["notes"] = "; ".join(chain.notes)
     return dg.AssetCheckResult(
-        passed=chain.ok,
-        description=None
-        if chain.ok
-        else f"chain broken at seq {chain.first_bad_seq}: {chain.reason} "
-        f"({chain.checked} records verified before it)",
-        metadata={"records_verified": chain.checked, "first_bad_seq": chain.first_bad_seq or 0},
+        passed=chain.ok, description=None if chain.ok else chain.summary(), metadata=metadata
     )
 
 
 @dg.asset_check(
     asset=audit_log.key,
     blocking=True,
-    description="No audit record is older than the retention period (retention_job ran).",
+    description="No row is older than the retention policy in any table with personal data "
+    "(audit_log, job_events, jobs, notifications, dead_letters: HORIZONS_RETENTION_DAYS) or "
+    "in the health tables (HORIZONS_HEALTH_RETENTION_DAYS), by the platform's own clock.",
 )
 def audit_retention_compliant(
     duckdb: DuckDBStore, settings: HorizonsSettings
 ) -> dg.AssetCheckResult:
-    days = settings.get().retention_days
-    cutoff = datetime.now(UTC) - timedelta(days=days)
+    s = settings.get()
     with duckdb.get().reader() as con:
-        expired, oldest = con.execute(
-            "SELECT count(*) FILTER (WHERE coalesce(occurred_at, recorded_at) < ?), "
-            "min(coalesce(occurred_at, recorded_at)) FROM audit_log",
-            [cutoff],
-        ).fetchone()  # type: ignore[misc]
+        policy = retention_by_table(con, s)
         last_run = con.execute("SELECT max(created_at) FROM audit_checkpoints").fetchone()[0]  # type: ignore[index]
-    metadata: dict[str, Any] = {"retention_days": days, "expired_records": int(expired)}
+    late = {t: p["expired_rows"] for t, p in policy.items() if not p["within_policy"]}
+    metadata: dict[str, Any] = {
+        "retention_days": s.retention_days,
+        "health_retention_days": s.health_retention_days,
+        "expired_records": int(policy["audit_log"]["expired_rows"]),
+        **{f"expired_rows/{t}": int(p["expired_rows"]) for t, p in policy.items()},
+    }
+    oldest = policy["audit_log"]["oldest"]
     if oldest is not None:
         metadata["oldest_record"] = dg.MetadataValue.timestamp(oldest)
     if last_run is not None:
         metadata["last_retention_run"] = dg.MetadataValue.timestamp(last_run)
     return dg.AssetCheckResult(
-        passed=expired == 0,
+        passed=not late,
         description=None
-        if expired == 0
-        else f"{expired} audit records older than {days} days: run retention_job",
+        if not late
+        else "older than the retention policy: "
+        + ", ".join(f"{t} {n} rows" for t, n in late.items())
+        + ": run retention_job",
         metadata=metadata,
     )
 
@@ -149,6 +166,17 @@ def compliance_report(
     }
     if report["chain_error"]:
         metadata["chain_error"] = report["chain_error"]
+    if report["key_id"]:
+        metadata["signing_key_id"] = report["key_id"]
+    if report["head_seq"] is not None:
+        metadata["signed_head_seq"] = int(report["head_seq"])
+    metadata["tables_within_policy"] = dg.MetadataValue.md(
+        "| table | oldest row | kept (days) | expired rows |\n|---|---|---|---|\n"
+        + "\n".join(
+            f"| {t} | {p['oldest'] or '-'} | {p['retention_days']} | {p['expired_rows']} |"
+            for t, p in report["tables"].items()
+        )
+    )
     for key in ("oldest_event", "newest_event"):
         if report[key] is not None:
             metadata[key] = dg.MetadataValue.timestamp(report[key])
@@ -203,11 +231,12 @@ def apply_retention(
     settings: HorizonsSettings,
     kafka: KafkaPublisher,
 ) -> dict[str, Any]:
-    """Remove expired audit records and record the checkpoint, in one transaction."""
+    """Remove what the retention policy says expired in every table and record the signed
+    checkpoint, in one transaction."""
     s = settings.get()
     store = duckdb.get()
     with store.transaction() as con:
-        checkpoint = run_retention(con, s.retention_days)
+        checkpoint = run_retention(con, s)
         remaining = con.execute("SELECT count(*) FROM audit_log").fetchone()[0]  # type: ignore[index]
         details = {
             k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in checkpoint.items()
@@ -224,10 +253,11 @@ def apply_retention(
         )
     publish_now(store, kafka.get(), [record])
     context.log.info(
-        "removed %d audit records older than %s; %d remain",
+        "removed %d audit records older than %s (%d remain); per table: %s",
         checkpoint["removed_count"],
         details["cutoff"],
         remaining,
+        checkpoint["removed_per_table"],
     )
     context.log_event(
         dg.AssetMaterialization(
@@ -246,23 +276,25 @@ def apply_retention(
 
 @dg.op
 def verify_chain_after_retention(
-    context: dg.OpExecutionContext, checkpoint: dict[str, Any], duckdb: DuckDBStore
+    context: dg.OpExecutionContext,
+    checkpoint: dict[str, Any],
+    duckdb: DuckDBStore,
+    settings: HorizonsSettings,
 ) -> None:
     """The remaining chain must still verify from the checkpoint; fail the run if not."""
-    with duckdb.get().reader() as con:
-        chain = verify_store(con)
+    chain = check_trail(duckdb.get(), settings.get())
     if not chain.ok:
         raise dg.Failure(
-            description=f"after retention checkpoint {checkpoint['checkpoint_id']} the audit "
-            f"chain is broken at seq {chain.first_bad_seq}: {chain.reason}",
+            description=f"after retention checkpoint {checkpoint['checkpoint_id']}: "
+            f"{chain.summary()}",
             metadata={"records_verified": chain.checked},
         )
     context.log.info("audit chain verified over %d remaining records", chain.checked)
 
 
 @dg.job(
-    description="Daily: delete audit records older than the retention period, record a "
-    "checkpoint (and an audit record), then verify the remaining chain."
+    description="Daily: delete what is older than the retention policy in every table, "
+    "record a signed checkpoint (and an audit record), then verify the remaining trail."
 )
 def retention_job() -> None:
     verify_chain_after_retention(apply_retention())

@@ -205,6 +205,8 @@ class ConsumerLoop:
                 self._in_flight.exception()  # let the transaction finish, whatever it says
             self._writer.shutdown(wait=True)
             self._maybe_flush_signals(force=True)
+            if code in (EXIT_OK, EXIT_BROKER_LOST):
+                self.handler.on_stop(self.store)
         except Exception:  # the store may be the reason we stop
             log.exception("%s: could not flush health signals", self.group)
         broker_gone = code == EXIT_BROKER_LOST or self.broker_down

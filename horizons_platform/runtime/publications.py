@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -39,45 +38,18 @@ BATCH = 500
 
 def enqueue(con: Any, topic: str, event: ev.Envelope, *, key: str | None = None) -> str:
     """Add ``event`` to the outbox inside the caller's transaction; returns its id."""
-    tables.insert(
-        con,
-        "publications",
-        [
-            {
-                "publication_id": str(event.event_id),
-                "topic": topic,
-                "key": key if key is not None else event.job_id,
-                "value": ev.encode(event).decode(),
-                "headers": json.dumps([[k, v.decode()] for k, v in ev.headers_for(event)]),
-                "created_at": datetime.now(UTC),
-                "attempts": 0,
-                "last_error": None,
-            }
-        ],
-    )
+    tables.insert(con, "publications", [tables.publication_row(topic, event, key)])
     return str(event.event_id)
-
-
-def audit_event(actor: str, action: str, details: dict[str, Any], producer: str) -> ev.Envelope:
-    """An ``audit.record`` for ``audit-trail`` (what the auditor stores, chained)."""
-    return ev.new_event(
-        ev.AuditRecord,
-        producer=producer,
-        payload={
-            "action": action,
-            "actor": actor,
-            "details": {
-                k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in details.items()
-            },
-        },
-    )
 
 
 def enqueue_audit(
     con: Any, settings: Settings, actor: str, action: str, details: dict[str, Any], producer: str
 ) -> str:
     return enqueue(
-        con, settings.topic_audit_trail, audit_event(actor, action, details, producer), key=action
+        con,
+        settings.topic_audit_trail,
+        ev.audit_record(actor, action, details, producer),
+        key=action,
     )
 
 

@@ -20,18 +20,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from horizons_platform import events as ev
 from horizons_platform.services.base import Batch, Columns, Handler, Tables, now
+from horizons_platform.services.signing import HEAD_ACTION, HEAD_KEY, sign_head
 from horizons_platform.store import tables
 
 if TYPE_CHECKING:
     import duckdb
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from horizons_platform.store.base import StoreBase
 
 GENESIS = "0" * 64
 RULE_CANONICAL_JSON = 1
@@ -202,14 +209,22 @@ class ChainReport:
     checked: int
     first_bad_seq: int | None = None
     reason: str = ""
+    through: tuple[int, str] | None = field(default=None, compare=False)  # last row verified
 
 
 def removed_seqs(checkpoints: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
-    ranges: list[tuple[int, int]] = []
+    return [(lo, hi) for lo, hi, _ in removed_ranges(checkpoints)]
+
+
+def removed_ranges(checkpoints: Iterable[dict[str, Any]]) -> list[tuple[int, int, str | None]]:
+    """(first, last, hash of last) of every removed range; the hash is None in
+    checkpoints written before ranges carried it."""
+    ranges: list[tuple[int, int, str | None]] = []
     for cp in checkpoints:
         raw = cp.get("removed_ranges")
-        for lo, hi in json.loads(raw) if isinstance(raw, str) else raw or []:
-            ranges.append((int(lo), int(hi)))
+        for entry in json.loads(raw) if isinstance(raw, str) else raw or []:
+            lo, hi = int(entry[0]), int(entry[1])
+            ranges.append((lo, hi, str(entry[2]) if len(entry) > 2 else None))
     return sorted(ranges)
 
 
@@ -225,30 +240,43 @@ def _covered(lo: int, hi: int, ranges: list[tuple[int, int]]) -> bool:
 
 
 def verify(
-    rows: Iterable[dict[str, Any]], checkpoints: Iterable[dict[str, Any]] = ()
+    rows: Iterable[dict[str, Any]],
+    checkpoints: Iterable[dict[str, Any]] = (),
+    start: tuple[int, str] = (0, GENESIS),
 ) -> ChainReport:
-    """Recompute the chain over rows in seq order; name the first row that breaks it.
+    """Recompute the chain over rows in seq order, from ``start`` (the (seq, hash) of a
+    row verified before, or the genesis); name the first row that breaks it.
 
     A gap in seq is legitimate only where a retention checkpoint recorded removing
-    exactly those seqs; across such a gap the next row's prev_hash cannot be recomputed,
-    but its own hash still covers it.
+    exactly those seqs; the row after it must then chain to the removed range's last
+    hash, as the checkpoint recorded it.
     """
-    ranges = removed_seqs(checkpoints)
-    prev_seq = 0
-    prev_hash = GENESIS
+    ranges = removed_ranges(checkpoints)
+    spans = [(lo, hi) for lo, hi, _ in ranges]
+    last_hash = {hi: digest for _, hi, digest in ranges if digest}
+    prev_seq, prev_hash = start
     checked = 0
     for row in rows:
         seq = int(row["seq"])
         if seq != prev_seq + 1:
-            if not _covered(prev_seq + 1, seq - 1, ranges):
+            if not _covered(prev_seq + 1, seq - 1, spans):
                 return ChainReport(False, checked, seq, f"seq {prev_seq + 1}..{seq - 1} missing")
+            expected = last_hash.get(seq - 1)
+            if expected is not None and row["prev_hash"] != expected:
+                return ChainReport(
+                    False,
+                    checked,
+                    seq,
+                    f"prev_hash does not match the hash of seq {seq - 1}, which the retention "
+                    "checkpoint that removed it recorded",
+                )
         elif row["prev_hash"] != prev_hash:
             return ChainReport(False, checked, seq, "prev_hash does not match the previous row")
         if link(row["prev_hash"], row) != row["hash"]:
             return ChainReport(False, checked, seq, "content does not match its hash")
         prev_seq, prev_hash = seq, row["hash"]
         checked += 1
-    return ChainReport(True, checked)
+    return ChainReport(True, checked, through=(prev_seq, prev_hash))
 
 
 def audit_columns(batch: Batch, recorded_at: datetime) -> Columns:
@@ -344,6 +372,12 @@ class AuditHandler(Handler):
         # Where the next prepared batch starts: the tail the batches before it will
         # leave (None until the first write has read the tail from the store).
         self._expected: tuple[int, str | None] | None = None
+        # Signed heads (services/signing.py): the last one signed, and whether anything
+        # but our own published heads arrived since (else a head would beget a head).
+        self._signer: Ed25519PrivateKey | None = None
+        self._signed: tuple[int, float] = (0, 0.0)  # (seq, monotonic time)
+        self._signing: tuple[int, float] | None = None
+        self._events_since_head = False
 
     def topics(self) -> list[str]:
         s = self.settings
@@ -355,6 +389,8 @@ class AuditHandler(Handler):
         ]
 
     def handle(self, batch: Batch) -> Tables:
+        if any(key != HEAD_KEY for key in batch.keys):
+            self._events_since_head = True
         return {"audit_log": audit_columns(batch, now())}
 
     def prepare(self, rows: Tables) -> None:
@@ -384,19 +420,67 @@ class AuditHandler(Handler):
                 {f.name: columns[f.name] for f in _AUDIT_SCHEMA}, _AUDIT_SCHEMA
             )
             con.execute(_INSERT_AUDIT)
+            if self._head_due():
+                self._sign_head(con, *self._pending)
         super().persist(con, rows, dedupe=dedupe)
 
     def rollback(self) -> None:
-        self._tail = self._pending = None
+        self._tail = self._pending = self._signing = None
 
     def after_commit(self, rows: Tables) -> None:
         if self._pending is not None:
             self._tail, self._pending = self._pending, None
+        if self._signing is not None:
+            self._signed, self._signing = self._signing, None
+            self._events_since_head = False
+
+    def on_stop(self, store: StoreBase) -> None:
+        """A last head over everything stored, so a restart begins fully signed."""
+        if self._tail is None or self._tail[0] <= self._signed[0]:
+            return
+        seq, digest = self._tail
+        store.write(lambda con: self._sign_head(con, seq, digest))
+        self.after_commit({})
+
+    # --- signed heads ----------------------------------------------------------------------
+
+    def _head_due(self) -> bool:
+        pending = self._pending
+        return (
+            pending is not None
+            and pending[0] > self._signed[0]
+            and self._events_since_head
+            and time.monotonic() - self._signed[1] >= self.settings.audit_head_interval_s
+        )
+
+    def _sign_head(self, con: duckdb.DuckDBPyConnection, seq: int, digest: str | None) -> None:
+        """Sign (seq, hash) into ``audit_heads`` and the publication outbox (for the
+        ``audit-trail`` topic: Kafka as the witness), in the batch's transaction."""
+        if self._signer is None:
+            from horizons_platform.runtime.keys import load_or_create_private
+
+            self._signer = load_or_create_private(self.settings)
+        head = sign_head(self._signer, seq, digest or GENESIS)
+        tables.insert(con, "audit_heads", [head.row()])
+        record = ev.audit_record(
+            self.group, HEAD_ACTION, head.as_json(), producer=f"{self.group}@{socket.gethostname()}"
+        )
+        key = HEAD_KEY.decode()
+        tables.insert(
+            con,
+            "publications",
+            [tables.publication_row(self.settings.topic_audit_trail, record, key)],
+        )
+        self._signing = (seq, time.monotonic())
 
 
-def iter_rows(con: duckdb.DuckDBPyConnection, batch: int = 50_000) -> Iterator[dict[str, Any]]:
+def iter_rows(
+    con: duckdb.DuckDBPyConnection, batch: int = 50_000, after_seq: int = 0
+) -> Iterator[dict[str, Any]]:
     columns = ", ".join(f'"{c}"' for c in AUDIT_COLUMNS)
-    cur = con.execute(f"SELECT {columns} FROM audit_log ORDER BY seq")
+    cur = con.execute(
+        f"SELECT {columns} FROM audit_log WHERE seq > ? ORDER BY seq", [int(after_seq)]
+    )
     while chunk := cur.fetchmany(batch):
         for values in chunk:
             yield dict(zip(AUDIT_COLUMNS, values, strict=True))

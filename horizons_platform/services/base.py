@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import duckdb
 
     from horizons_platform.settings import Settings
+    from horizons_platform.store.base import StoreBase
 
 # Columns per table: {table: {column: values}}, every column of a table equally long.
 Columns = dict[str, list[Any]]
@@ -185,6 +186,9 @@ class Handler:
 
     def after_commit(self, rows: Tables) -> None:
         """Called after the batch is durable (e.g. to wake a dispatcher)."""
+
+    def on_stop(self, store: StoreBase) -> None:
+        """The loop stops (cleanly): a last write of the handler's own, if it has one."""
 
 
 def now() -> datetime:

@@ -273,6 +273,37 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE dead_letters_v4 RENAME TO dead_letters;
         """,
     ),
+    (
+        5,
+        # Signed heads of the audit chain (services/signing.py); signed, chained retention
+        # checkpoints; where the last verification ended (incremental verify-audit); the
+        # key and head each report was made under, and each table's retention.
+        """
+        CREATE TABLE audit_heads (
+            seq BIGINT NOT NULL,
+            hash VARCHAR NOT NULL,
+            signed_at TIMESTAMPTZ NOT NULL,
+            key_id VARCHAR NOT NULL,
+            signature VARCHAR NOT NULL,
+            PRIMARY KEY (key_id, seq)
+        );
+        ALTER TABLE audit_checkpoints ADD COLUMN prev_checkpoint_id VARCHAR;
+        ALTER TABLE audit_checkpoints ADD COLUMN key_id VARCHAR;
+        ALTER TABLE audit_checkpoints ADD COLUMN signature VARCHAR;
+        CREATE TABLE audit_verifications (
+            verified_at TIMESTAMPTZ NOT NULL,
+            through_seq BIGINT NOT NULL,
+            through_hash VARCHAR NOT NULL,
+            head_seq BIGINT,
+            full_run BOOLEAN NOT NULL,
+            rows_checked BIGINT NOT NULL
+        );
+        ALTER TABLE compliance_reports ADD COLUMN key_id VARCHAR;
+        ALTER TABLE compliance_reports ADD COLUMN public_key VARCHAR;
+        ALTER TABLE compliance_reports ADD COLUMN head_seq BIGINT;
+        ALTER TABLE compliance_reports ADD COLUMN head_signed_at TIMESTAMPTZ;
+        """,
+    ),
 ]
 
 

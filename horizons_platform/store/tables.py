@@ -7,6 +7,7 @@ the hot path.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -15,7 +16,7 @@ import duckdb
 import pyarrow as pa
 from pydantic_core import to_json as _to_json
 
-from horizons_platform.events import JOB_STATUS_RANK
+from horizons_platform.events import JOB_STATUS_RANK, Envelope, encode, headers_for
 from horizons_platform.store.sql import literal
 
 # Primary/unique key per table; an insert that meets an existing key is a no-op, which
@@ -42,6 +43,20 @@ def _q(column: str) -> str:
 def to_json(value: Any) -> str:
     """JSON text of a decoded value (a payload), as pydantic validated it."""
     return _to_json(value).decode()
+
+
+def publication_row(topic: str, event: Envelope, key: str | None = None) -> dict[str, Any]:
+    """A ``publications`` row (runtime/publications.py): ``event`` waiting for Kafka."""
+    return {
+        "publication_id": str(event.event_id),
+        "topic": topic,
+        "key": key if key is not None else event.job_id,
+        "value": encode(event).decode(),
+        "headers": json.dumps([[k, v.decode()] for k, v in headers_for(event)]),
+        "created_at": datetime.now(UTC),
+        "attempts": 0,
+        "last_error": None,
+    }
 
 
 def insert_columns(

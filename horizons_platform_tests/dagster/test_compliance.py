@@ -13,91 +13,118 @@ from horizons_platform import events as ev
 from horizons_platform.defs import compliance
 from horizons_platform.host import Host
 from horizons_platform.kafka.producer import Publisher
-from horizons_platform.services.audit import verify_store
+from horizons_platform.runtime.audit_check import check_trail
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
 from horizons_platform_tests.dagster.conftest import Populated, check_results, execute, run_job
 from horizons_platform_tests.dagster.test_checks import evaluate
-from horizons_platform_tests.support import read_topic, wait_for
+from horizons_platform_tests.support import read_topic, record_in_the_past, wait_for
 
 OWNER = "henrietta@observatory.example"
 
 
-def _publish_old(settings: Settings, job_id: str, days: int) -> None:
-    """A job's events with occurred_at ``days`` ago, as an archive replay would send them."""
-    publisher = Publisher(settings)
-    then = datetime.now(UTC) - timedelta(days=days)
-    for cls, payload in (
-        (ev.JobSubmitted, {"owner": OWNER, "job_type": "imaging"}),
-        (ev.JobStarted, {"owner": OWNER, "job_type": "imaging", "worker": "node-01"}),
-    ):
-        event = ev.new_event(
-            cls, producer="archive", job_id=job_id, occurred_at=then, payload=payload
+def _event(job_id: str, occurred_at: datetime | None = None) -> bytes:
+    return ev.encode(
+        ev.new_event(
+            ev.JobSubmitted,
+            producer="archive",
+            job_id=job_id,
+            occurred_at=occurred_at or datetime.now(UTC),
+            payload={"owner": OWNER, "job_type": "imaging"},
         )
-        publisher.publish(settings.topic_job_lifecycle, event)
+    )
 
 
 def _audited(store: Store, where: str = "TRUE") -> int:
     return int(store.scalar(f"SELECT count(*) FROM audit_log WHERE {where}") or 0)  # type: ignore[call-overload]
 
 
-def test_scenario_15_retention_removes_expired_keeps_the_rest_chain_verifies(
-    settings: Settings, host: Host, store: Store, instance: dg.DagsterInstance
+def test_scenario_15_retention_by_recorded_at_removes_expired_keeps_the_rest(
+    settings: Settings,
+    store: Store,
+    host_factory: Callable[..., Host],
+    instance: dg.DagsterInstance,
 ) -> None:
+    now = datetime.now(UTC)
+    # A store that has run for months. Retention goes by when the platform recorded a
+    # record, never by the producer's clock: 9999 does not keep a record, 1970 does
+    # not remove one.
+    record_in_the_past(
+        store,
+        [
+            (_event("expired-1", datetime(9999, 1, 1, tzinfo=UTC)), now - timedelta(days=100)),
+            (_event("expired-2"), now - timedelta(days=91)),
+            (_event("kept-89", datetime(1970, 1, 1, tzinfo=UTC)), now - timedelta(days=89)),
+        ],
+    )
+    host_factory(settings)
     orch = JobOrchestratorService(settings)
     orch.submit_job("fresh-1", owner=OWNER, job_type="imaging")
-    _publish_old(settings, "expired-1", days=100)
     orch.start_job("fresh-1")
-    _publish_old(settings, "expired-2", days=91)
-    _publish_old(settings, "kept-89", days=89)  # inside the 90 days: stays
     orch.complete_job("fresh-1")
+    publisher = Publisher(settings)
+    for job, at in (("fresh-1970", datetime(1970, 1, 1, tzinfo=UTC)), ("fresh-9999", None)):
+        when = at or datetime(9999, 12, 31, tzinfo=UTC)
+        event = ev.new_event(
+            ev.JobSubmitted,
+            producer="clock-skewed",
+            job_id=job,
+            occurred_at=when,
+            payload={"owner": OWNER, "job_type": "imaging"},
+        )
+        publisher.publish(settings.topic_job_lifecycle, event)
     wait_for(
-        lambda: _audited(store, "job_id IN ('fresh-1', 'expired-1', 'expired-2', 'kept-89')") == 9,
-        what="the auditor to record all nine events",
+        lambda: _audited(store, "job_id LIKE 'fresh-%'") == 5,
+        what="the auditor to record the fresh events",
     )
     before = evaluate(compliance.audit_retention_compliant, settings)
-    assert not before.passed and before.metadata["expired_records"].value == 4
+    assert not before.passed and before.metadata["expired_records"].value == 2
 
     result = run_job(settings, "retention_job", instance)
     assert result.success
     checkpoint = result.output_for_node("apply_retention")
-    assert checkpoint["removed_count"] == 4
+    assert checkpoint["removed_count"] == 2
     assert _audited(store, "job_id LIKE 'expired-%'") == 0
+    assert _audited(store, "job_id = 'kept-89'") == 1
+    assert _audited(store, "job_id IN ('fresh-1970', 'fresh-9999')") == 2
     assert _audited(store, "job_id = 'fresh-1'") == 3
-    assert _audited(store, "job_id = 'kept-89'") == 2
     [materialization] = result.asset_materializations_for_node("apply_retention")
     assert materialization.asset_key == dg.AssetKey("audit_log")
-    assert materialization.metadata["removed_count"].value == 4
+    assert materialization.metadata["removed_count"].value == 2
 
-    # The checkpoint lets the remaining chain verify across the gaps...
+    # The signed checkpoint lets the remaining chain verify across the gap...
     _, rows = store.query(
-        "SELECT removed_count, removed_ranges, last_removed_hash FROM audit_checkpoints"
+        "SELECT removed_count, removed_ranges, last_removed_hash, signature FROM audit_checkpoints"
     )
-    assert rows[0][0] == 4 and json.loads(rows[0][1]) and rows[0][2]
+    assert rows[0][0] == 2 and json.loads(rows[0][1]) and rows[0][2] and rows[0][3]
     assert evaluate(compliance.audit_chain_verifies, settings).passed
     assert evaluate(compliance.audit_retention_compliant, settings).passed
 
 
 def test_auditing_continues_after_retention(
-    settings: Settings, host: Host, store: Store, instance: dg.DagsterInstance
+    settings: Settings,
+    store: Store,
+    host_factory: Callable[..., Host],
+    instance: dg.DagsterInstance,
 ) -> None:
+    record_in_the_past(store, [(_event("expired-3"), datetime.now(UTC) - timedelta(days=120))])
+    host_factory(settings)
     orch = JobOrchestratorService(settings)
-    _publish_old(settings, "expired-3", days=120)
     orch.submit_job("fresh-3", owner=OWNER, job_type="imaging")
-    wait_for(lambda: _audited(store, "job_id IN ('expired-3', 'fresh-3')") == 3, what="audit")
+    wait_for(lambda: _audited(store, "job_id = 'fresh-3'") == 1, what="audit")
     assert run_job(settings, "retention_job", instance).success
+    assert _audited(store, "job_id = 'expired-3'") == 0
     # The retention run's own audit record, then a new job, chain on after the gap.
     orch.start_job("fresh-3")
     wait_for(
         lambda: _audited(store, "event_type = 'audit.record' AND payload LIKE '%retention.run%'"),
-        timeout=5,
+        timeout=10,
         what="the retention run's audit record",
     )
     wait_for(lambda: _audited(store, "job_id = 'fresh-3'") == 2, timeout=10, what="new record")
-    with store.reader() as con:
-        chain = verify_store(con)
-    assert chain.ok, chain
+    chain = check_trail(store, settings, full=True)
+    assert chain.ok, chain.summary()
 
 
 def test_scenario_18_compliance_report_job(

@@ -4,8 +4,8 @@ retention and the compliance report, against the real broker and DuckDB file."""
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from horizons_platform import events as ev
@@ -19,7 +19,7 @@ from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
 from horizons_platform_tests.integration.test_error_scenarios import ExplodingMetrics
-from horizons_platform_tests.support import wait_for
+from horizons_platform_tests.support import horizons, record_in_the_past, wait_for
 
 OWNER = "henrietta@observatory.example"
 
@@ -35,14 +35,7 @@ def _lifecycle(settings: Settings, n: int, prefix: str = "c") -> None:
 
 
 def _verify_cli(settings: Settings) -> subprocess.CompletedProcess[str]:
-    env = {"HORIZONS_DUCKDB_PATH": str(settings.database), "PATH": "/usr/bin:/bin"}
-    return subprocess.run(
-        [sys.executable, "-m", "horizons_platform.cli", "verify-audit"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return horizons(settings, "verify-audit", "--full", timeout=60)
 
 
 def test_scenario_16_hash_covers_identity_and_changes_with_the_record(
@@ -138,46 +131,53 @@ def test_scenario_17_high_error_rate_raises_an_alert_logged_to_the_audit_trail(
     )
 
 
-def _old_event(days: int, job: str) -> ev.Envelope:
-    return ev.new_event(
-        ev.JobSubmitted,
-        producer="archive-import",
-        job_id=job,
-        occurred_at=datetime.now(UTC) - timedelta(days=days),
-        payload={"owner": OWNER, "job_type": "imaging"},
+def _old_event(job: str) -> bytes:
+    return ev.encode(
+        ev.new_event(
+            ev.JobSubmitted,
+            producer="archive-import",
+            job_id=job,
+            payload={"owner": OWNER, "job_type": "imaging"},
+        )
     )
 
 
 def test_scenario_15_and_18_retention_keeps_the_chain_and_the_report_is_compliant(
-    settings: Settings, host: Host, store: Store
+    settings: Settings, host_factory: Callable[..., Host], store: Store
 ) -> None:
-    publisher = Publisher(settings)
-    for i in range(4):
-        publisher.publish(settings.topic_job_lifecycle, _old_event(100 + i, f"old-{i}"))
-    publisher.publish(settings.topic_job_lifecycle, _old_event(80, "recent-0"))
+    now = datetime.now(UTC)
+    record_in_the_past(
+        store,
+        [(_old_event(f"old-{i}"), now - timedelta(days=100 + i)) for i in range(4)]
+        + [(_old_event("recent-0"), now - timedelta(days=80))],
+    )
+    host = host_factory(settings)
     _lifecycle(settings, 3, prefix="new")
     wait_for(
         lambda: store.scalar("SELECT count(*) FROM audit_log WHERE job_id IS NOT NULL") == 14,
         what="14 job records",
     )
     with store.reader() as con:
-        before = build_report(con, settings.retention_days)
+        before = build_report(con, settings)
     assert before["retention_compliant"] is False and before["expired_records"] == 4
+    assert before["tables"]["audit_log"]["within_policy"] is False
 
     host.stop()
     host.join(30)
     with store.transaction() as con:
-        checkpoint = run_retention(con, settings.retention_days)
-    assert checkpoint["removed_count"] == 4
+        checkpoint = run_retention(con, settings)
+    assert checkpoint["removed_count"] == 4 and checkpoint["signature"]
     _, jobs = store.query("SELECT DISTINCT job_id FROM audit_log WHERE job_id IS NOT NULL")
     assert [j for (j,) in jobs if j.startswith("old")] == []
     assert ("recent-0",) in jobs
     with store.reader() as con:
         assert audit.verify_store(con).ok
-        report = build_report(con, settings.retention_days)
+        report = build_report(con, settings)
     assert report["total_events"] == before["total_events"] - 4
     assert report["total_events"] == store.scalar("SELECT count(*) FROM audit_log")
     assert report["jobs_covered"] == 4
     assert report["retention_compliant"] is True
     assert report["retention_status"].startswith("compliant")
+    assert all(t["within_policy"] for t in report["tables"].values())
+    assert report["key_id"] and report["public_key"].startswith("-----BEGIN PUBLIC KEY")
     assert report["chain_verified"] is True
