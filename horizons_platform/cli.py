@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -105,6 +106,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from horizons_platform.kafka.admin import ensure_topics
+    from horizons_platform.progress import progress
     from horizons_platform.services.orchestrator import JobOrchestratorService
     from horizons_platform.simulate import plan, run_simulation
 
@@ -113,13 +115,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     orch = JobOrchestratorService(settings, recover=False, wait=False)
     jobs = plan(args.jobs, seed=args.seed, fail_rate=args.fail_rate, cancel_rate=args.cancel_rate)
 
-    def progress(sent: int, total: int) -> None:
-        print(f"\r{sent}/{total} events", end="", file=sys.stderr, flush=True)
-
-    sent = run_simulation(orch, jobs, rate=args.rate, seed=args.seed, progress=progress)
-    print(
-        f"\npublished {sent} events for {len(jobs)} jobs to {settings.bootstrap}", file=sys.stderr
-    )
+    with progress("publishing events") as update:
+        sent = run_simulation(orch, jobs, rate=args.rate, seed=args.seed, progress=update)
+    print(f"published {sent} events for {len(jobs)} jobs to {settings.bootstrap}", file=sys.stderr)
     return 0
 
 
@@ -172,18 +170,65 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_audit(args: argparse.Namespace) -> int:
+    from horizons_platform.progress import progress
     from horizons_platform.runtime.audit_check import check_trail
     from horizons_platform.store.client import Store
 
     settings = _settings()
     # Read beside the consumers from one snapshot; never inside a write transaction.
-    result = check_trail(Store(settings), settings, full=args.full, witness=not args.no_witness)
+    with progress("verifying the audit trail") as update:
+        result = check_trail(
+            Store(settings), settings, full=args.full, witness=not args.no_witness, on_rows=update
+        )
     print(result.summary())
     for note in result.notes:
         print(f"  {note}")
     if result.ok and result.unsigned_tail:
         print(f"  {result.unsigned_tail} newest records are not under a signed head yet")
     return 0 if result.ok else 1
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import json
+
+    from horizons_platform.settings import effective
+
+    values = effective(_settings())
+    if args.format == "json":
+        print(json.dumps(values, indent=2))
+    else:
+        width = max(len(k) for k in values)
+        for key, value in values.items():
+            print(f"{key.ljust(width)}  {value}")
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from horizons_platform import event_schemas
+    from horizons_platform.events import SCHEMA_VERSION
+
+    if args.action == "export":
+        broken, _ = event_schemas.check()
+        if broken and not args.force:
+            print(
+                "refused: these changes break producers that follow the published schemas; "
+                f"raise SCHEMA_VERSION (now {SCHEMA_VERSION}) in events.py instead:",
+                file=sys.stderr,
+            )
+            for line in broken:
+                print(f"  {line}", file=sys.stderr)
+            return 1
+        for path in event_schemas.export():
+            print(path)
+        return 0
+    broken, stale = event_schemas.check()
+    for line in broken:
+        print(f"incompatible: {line}")
+    for event_type in stale:
+        print(f"out of date: {event_type} (run `horizons schemas export`)")
+    if not broken and not stale:
+        print(f"schemas/v{SCHEMA_VERSION}: every event model matches its published schema")
+    return 1 if broken or stale else 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -322,6 +367,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_verify_audit)
 
+    p = sub.add_parser(
+        "schemas",
+        help="the event models as JSON Schema (schemas/v<version>/), and their compatibility",
+        description="`export` writes one JSON Schema per event type to "
+        "schemas/v<SCHEMA_VERSION>/ (refused when the change would break producers "
+        "following the published files: removed field, newly required field, narrowed "
+        "type — raise SCHEMA_VERSION instead). `check` exits 1 on such a change or when "
+        "the published files are out of date.",
+    )
+    p.add_argument("action", choices=["export", "check"])
+    p.add_argument("--force", action="store_true", help="export even an incompatible change")
+    p.set_defaults(func=cmd_schemas)
+
+    p = sub.add_parser(
+        "config",
+        help="show the effective settings (secrets masked)",
+        description="Every setting as this process sees it (HORIZONS_* variables and "
+        "defaults), the paths derived from them, and the librdkafka properties every client "
+        "gets — including any HORIZONS_KAFKA__<PROPERTY> (dots as underscores). Passwords, "
+        "secrets and tokens are masked.",
+    )
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.set_defaults(func=cmd_config)
+
     p = sub.add_parser("report", help="show the latest compliance report")
     p.add_argument("--generate", action="store_true", help="generate a fresh report first")
     p.set_defaults(func=cmd_report)
@@ -352,11 +422,10 @@ def _add_later_commands(sub: argparse._SubParsersAction) -> None:  # type: ignor
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from horizons_platform.logs import configure
+
+    fmt = "json" if os.environ.get("HORIZONS_LOG_FORMAT", "").lower() == "json" else "text"
+    configure(logging.DEBUG if args.verbose else logging.INFO, fmt)
     logging.getLogger("dagster").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)

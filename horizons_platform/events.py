@@ -336,10 +336,13 @@ def audit_record(actor: str, action: str, details: dict[str, Any], producer: str
 
 
 def headers_for(event: Envelope) -> list[tuple[str, bytes]]:
-    return [
+    headers = [
         ("event_type", event.event_type.encode()),
         ("schema_version", str(event.schema_version).encode()),
     ]
+    if event.trace_id:  # W3C trace context, as every Kafka tracing integration reads it
+        headers.append(("traceparent", event.trace_id.encode()))
+    return headers
 
 
 def decode(raw: bytes | None) -> Event:

@@ -26,6 +26,7 @@ from horizons_platform.kafka.consumer import EXIT_OK, ConsumerLoop
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.runtime.monitor import HealthMonitor, apply_evaluations
 from horizons_platform.runtime.outbox import OutboxDispatcher
+from horizons_platform.runtime.prometheus import HostMetrics
 from horizons_platform.runtime.publications import PublicationDispatcher
 from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.registry import HANDLERS
@@ -69,6 +70,18 @@ class Host:
             return False
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         ensure_topics(self.settings)
+        self.metrics = HostMetrics(self.settings, self.store, self.groups)
+        self.store.observe = self.metrics.observe_transaction
+        if self.settings.metrics_port >= 0:
+            try:
+                port = self.metrics.serve(self.settings.metrics_port)
+                log.info("metrics: http://127.0.0.1:%d/metrics", port)
+            except OSError as exc:  # a busy port must not keep the consumers down
+                log.error(
+                    "metrics NOT served on 127.0.0.1:%d (%s); set HORIZONS_METRICS_PORT",
+                    self.settings.metrics_port,
+                    exc,
+                )
         for group in self.groups:
             handler = HANDLERS[group](self.settings)
             self.loops[group] = ConsumerLoop(
@@ -80,9 +93,11 @@ class Host:
                 raise_alerts=lambda found, g=group: apply_evaluations(
                     self.settings, self.store, self.publisher, found, actor=f"consumer:{g}"
                 ),
+                metrics=self.metrics,
             )
             if isinstance(handler, NotificationHandler):
                 self.dispatcher = OutboxDispatcher(self.settings, self.store, self.stop_event)
+                self.dispatcher.observe = self._observe_send
                 handler.on_new_notifications = self.dispatcher.wake
                 self._spawn("outbox", self.dispatcher.run)
         # Alerts and audit records written while the broker was away leave from here.
@@ -102,6 +117,10 @@ class Host:
             self._spawn(f"consumer-{group}", lambda g=group, lp=loop: self._run_loop(g, lp))
         self._announce(ev.ConsumerStarted, "started")
         return True
+
+    def _observe_send(self, seconds: float, ok: bool) -> None:
+        self.metrics.outbox_send_seconds.observe(seconds)
+        self.metrics.outbox_sent.labels("sent" if ok else "failed").inc()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)

@@ -26,10 +26,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import psutil
 
+from horizons_platform.logs import RotatingFile, pump
 from horizons_platform.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class Child:
     name: str
     proc: subprocess.Popen[bytes]
     log_path: Path
-    log_file: IO[bytes]
+    log_pump: threading.Thread  # copies its output into a rotating log file
     seen: dict[int, psutil.Process] = field(default_factory=dict)
 
     def remember_descendants(self) -> None:
@@ -146,7 +147,7 @@ class Child:
         for p in alive:
             with contextlib.suppress(psutil.Error):
                 p.kill()
-        self.log_file.close()
+        self.log_pump.join(5)
         return self.proc.returncode
 
 
@@ -213,19 +214,22 @@ class Launcher:
     def _spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path) -> Child:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        log_file = log_path.open("ab")
+        log_file = RotatingFile(
+            log_path, self.settings.log_max_mb * 2**20, self.settings.log_backups
+        )
         proc = subprocess.Popen(
             argv,
             env=env,
             cwd=cwd,
             stdin=subprocess.DEVNULL,
-            stdout=log_file,
+            stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             # Own session: Ctrl-C in the terminal reaches only the launcher, and
             # `dagster dev` honours SIGINT/SIGTERM only when it leads its own session.
             start_new_session=True,
         )
-        child = Child(name, proc, log_path, log_file)
+        assert proc.stdout is not None
+        child = Child(name, proc, log_path, pump(proc.stdout, log_file))
         self.children.append(child)
         return child
 

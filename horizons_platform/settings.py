@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import socket
 from functools import cached_property
 from pathlib import Path
@@ -20,7 +21,10 @@ SERVICE_GROUPS = ("notifications", "compliance-auditor", "metrics", "system-heal
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="HORIZONS_", extra="ignore")
+    # HORIZONS_KAFKA__<PROPERTY> fills ``kafka`` (any librdkafka property, see below).
+    model_config = SettingsConfigDict(
+        env_prefix="HORIZONS_", extra="ignore", env_nested_delimiter="__"
+    )
 
     # --- state on disk -------------------------------------------------------------
     var_dir: Path = Path("var")
@@ -47,8 +51,12 @@ class Settings(BaseSettings):
     kafka_security_protocol: str | None = None
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
-    kafka_sasl_password: str | None = None
+    kafka_sasl_password: SecretStr | None = None
     kafka_ssl_ca_location: str | None = None
+    # Any other librdkafka property, from HORIZONS_KAFKA__<NAME> with dots written as
+    # underscores: HORIZONS_KAFKA__SASL_OAUTHBEARER_CLIENT_ID=… → sasl.oauthbearer.client.id.
+    # Values are secrets until shown otherwise (`horizons config show` masks by name).
+    kafka: dict[str, SecretStr] = Field(default_factory=dict)
 
     topic_job_lifecycle: str = "job-lifecycle"
     topic_job_metrics: str = "job-metrics"
@@ -71,6 +79,13 @@ class Settings(BaseSettings):
     # its standbys share it; empty: dynamic membership.
     group_instance_id: str | None = None
     broker_grace_s: float = 30.0  # how long consumers ride out a lost broker
+    # Logs: "text" or "json" (one object per line; read by the CLI before anything else).
+    log_format: str = "text"
+    # The files `horizons up` writes under var/logs roll over at this size, keeping N.
+    log_max_mb: int = 20
+    log_backups: int = 5
+    # The host's Prometheus /metrics on 127.0.0.1 (0: any free port, logged; -1: off).
+    metrics_port: int = 9464
     # How long a consumer retries a failing store (I/O error, out of memory) before it
     # stops without committing (exit 7); never dead-lettered, never skipped.
     store_retry_s: float = 30.0
@@ -195,17 +210,41 @@ class Settings(BaseSettings):
             "bootstrap.servers": self.bootstrap,
             "logger": logging.getLogger("librdkafka"),
         }
-        optional = {
-            "security.protocol": self.kafka_security_protocol,
-            "sasl.mechanism": self.kafka_sasl_mechanism,
-            "sasl.username": self.kafka_sasl_username,
-            "sasl.password": self.kafka_sasl_password,
-            "ssl.ca.location": self.kafka_ssl_ca_location,
-        }
-        conf.update({k: v for k, v in optional.items() if v is not None})
+        conf.update(self.kafka_properties())
         conf.update(extra)
         return conf
 
+    def kafka_properties(self) -> dict[str, str]:
+        """The librdkafka properties set by the environment (secrets in clear)."""
+        password = self.kafka_sasl_password
+        named = {
+            "security.protocol": self.kafka_security_protocol,
+            "sasl.mechanism": self.kafka_sasl_mechanism,
+            "sasl.username": self.kafka_sasl_username,
+            "sasl.password": password.get_secret_value() if password else None,
+            "ssl.ca.location": self.kafka_ssl_ca_location,
+        }
+        out = {k: v for k, v in named.items() if v is not None}
+        for name, value in self.kafka.items():
+            out[name.lower().replace("_", ".")] = value.get_secret_value()
+        return out
 
-def get_settings(**overrides: object) -> Settings:
-    return Settings(**overrides)  # type: ignore[arg-type]
+
+# librdkafka property names that hold secrets (masked by `horizons config show`).
+SECRET_PROPERTY = re.compile(r"password|secret|token|credential|private|\.key\.pem$", re.I)
+MASK = "********"
+
+
+def effective(settings: Settings) -> dict[str, str]:
+    """Every setting as the process sees it, secrets masked (`horizons config show`)."""
+    out: dict[str, str] = {}
+    for name in type(settings).model_fields:
+        if name == "kafka":
+            continue
+        value = getattr(settings, name)
+        out[name] = MASK if isinstance(value, SecretStr) else ("" if value is None else str(value))
+    for name in ("database", "bootstrap", "store_file", "signing_key_file", "broker_dir"):
+        out[f"{name} (derived)"] = str(getattr(settings, name))
+    for name, value in sorted(settings.kafka_properties().items()):
+        out[f"librdkafka {name}"] = MASK if SECRET_PROPERTY.search(name) else value
+    return out

@@ -72,6 +72,7 @@ def make_settings(bootstrap: str, var_dir: Path, smtp_port: int, **overrides: ob
         "smtp_backoff_initial_s": 0.2,
         "smtp_backoff_max_s": 1.0,
         "store_port": free_port(),
+        "metrics_port": 0,  # any free port (Host.metrics.port)
         # Dynamic membership: the hosts of earlier tests (same group names) never hold
         # partitions for a session timeout (tests of static membership opt in).
         "group_instance_id": "",

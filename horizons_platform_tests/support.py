@@ -178,6 +178,7 @@ _ENV_FIELDS = (
     "audit_signing_key_file",
     "smtp_port",
     "store_port",
+    "metrics_port",
     "group_instance_id",
     "var_dir",
     "topic_job_lifecycle",

@@ -73,6 +73,11 @@ def settings_env(settings: Settings) -> dict[str, str]:
         value = getattr(settings, name)
         if value is None:
             continue
+        if isinstance(value, dict):  # HORIZONS_KAFKA__<NAME>
+            for key, item in value.items():
+                secret = item.get_secret_value() if isinstance(item, SecretStr) else item
+                env[f"HORIZONS_{name.upper()}__{key.upper()}"] = str(secret)
+            continue
         if isinstance(value, SecretStr):
             value = value.get_secret_value()
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
@@ -111,6 +116,7 @@ class BenchContext:
             "kafka_bootstrap": self.bootstrap,
             "duckdb_path": database,
             "store_port": 0,  # any free port: runs never meet each other or `horizons up`
+            "metrics_port": 0,
             # One static member id per bench run: the run's successive hosts replace each
             # other in the groups at once instead of waiting out a session timeout.
             "group_instance_id": f"bench-{self.stamp.lower()}",

@@ -21,6 +21,7 @@ from horizons_platform.runtime.audit_check import check_trail
 from horizons_platform.runtime.publications import enqueue_audit, publish_now
 from horizons_platform.services.compliance import (
     generate_report,
+    report_markdown,
     retention_by_table,
     run_retention,
 )
@@ -170,6 +171,7 @@ def compliance_report(
         metadata["signing_key_id"] = report["key_id"]
     if report["head_seq"] is not None:
         metadata["signed_head_seq"] = int(report["head_seq"])
+    metadata["report"] = dg.MetadataValue.md(report_markdown(report))
     metadata["tables_within_policy"] = dg.MetadataValue.md(
         "| table | oldest row | kept (days) | expired rows |\n|---|---|---|---|\n"
         + "\n".join(

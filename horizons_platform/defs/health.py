@@ -70,14 +70,29 @@ def health_status(duckdb: DuckDBStore, settings: HorizonsSettings) -> dg.Materia
         "WHERE resolved_at IS NULL ORDER BY raised_at"
     )
     breached = [f"{e.rule}:{e.subject}" for e in evaluations if e.breached]
-    return dg.MaterializeResult(
-        metadata={
-            "evaluations": dg.MetadataValue.md(_evaluation_table(evaluations)),
-            "breached": ", ".join(breached) or "none",
-            "open_alerts": len(open_alerts),
-            "healthy": not breached,
-        }
+    metadata: dict[str, Any] = {
+        "evaluations": dg.MetadataValue.md(_evaluation_table(evaluations)),
+        "breached": ", ".join(breached) or "none",
+        "open_alerts": len(open_alerts),
+        "healthy": not breached,
+    }
+    # Lag per group as numbers: plotted by Dagster across materializations.
+    for e in evaluations:
+        if e.rule == rules.CONSUMER_LAG_MESSAGES:
+            metadata[f"lag_messages {e.subject}"] = float(e.value)
+        elif e.rule == rules.CONSUMER_LAG_SECONDS:
+            metadata[f"lag_seconds {e.subject}"] = float(e.value)
+    _, letters = store.query(
+        'SELECT error_class, count(DISTINCT (topic, "partition", "offset")) FROM dead_letters '
+        "GROUP BY ALL ORDER BY 2 DESC"
     )
+    metadata["dead letters by error class"] = dg.MetadataValue.md(
+        "| error class | messages |\n|---|---:|\n"
+        + "\n".join(f"| {cls} | {n} |" for cls, n in letters)
+        if letters
+        else "none"
+    )
+    return dg.MaterializeResult(metadata=metadata)
 
 
 HEALTH_CHECKS: dict[str, tuple[tuple[str, ...], dg.AssetCheckSeverity, str]] = {

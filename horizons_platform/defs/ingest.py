@@ -18,6 +18,7 @@ from typing import Any
 import dagster as dg
 from duckdb import DuckDBPyConnection
 
+from horizons_platform import event_schemas
 from horizons_platform import events as ev
 from horizons_platform.defs.resources import DuckDBStore, HorizonsSettings
 from horizons_platform.runtime.monitor import UNDELIVERED_SQL, stale_claim_s
@@ -374,7 +375,33 @@ def invalid_events_rejected_consistently(
     )
 
 
+@dg.asset_check(
+    asset=job_events.key,
+    blocking=True,
+    description="The event models still accept everything their published JSON Schemas "
+    "(schemas/v<schema_version>/) promise producers: no removed field, no newly required "
+    "one, no narrowed type without a new schema_version; and the files are current.",
+)
+def event_schemas_compatible() -> dg.AssetCheckResult:
+    broken, stale = event_schemas.check()
+    problems = [f"incompatible without a new schema_version: {b}" for b in broken]
+    if stale:
+        problems.append(
+            f"published schemas out of date for {', '.join(stale)}: run `horizons schemas export`"
+        )
+    return dg.AssetCheckResult(
+        passed=not problems,
+        description="; ".join(problems) or None,
+        metadata={
+            "schema_version": ev.SCHEMA_VERSION,
+            "event_types": len(event_schemas.current()),
+            "incompatible_changes": len(broken),
+        },
+    )
+
+
 CHECKS = [
+    event_schemas_compatible,
     job_events_required_fields,
     job_events_per_job_ordering,
     terminal_jobs_notified,

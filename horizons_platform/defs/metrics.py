@@ -67,13 +67,42 @@ def rollup(con: DuckDBPyConnection, grain: Grain, now: datetime | None = None) -
 def _materialize(grain: Grain, duckdb: DuckDBStore) -> dg.MaterializeResult:
     with duckdb.get().transaction() as con:
         stats = rollup(con, grain)
-    return dg.MaterializeResult(
-        metadata={
-            "dagster/row_count": dg.MetadataValue.int(stats["rows"]),
-            "buckets_recomputed": stats["buckets_recomputed"],
-            "jobs_rolled_up": stats["jobs"],
-        }
-    )
+        latest = con.execute(
+            f"""
+            SELECT job_type, outcome, jobs, p50_duration_s, p95_duration_s, avg_queue_time_s
+            FROM {TABLES[grain]}
+            WHERE bucket_start = (SELECT max(bucket_start) FROM {TABLES[grain]})
+            ORDER BY job_type, outcome
+            """
+        ).fetchall()
+    metadata: dict[str, Any] = {
+        "dagster/row_count": dg.MetadataValue.int(stats["rows"]),
+        "buckets_recomputed": stats["buckets_recomputed"],
+        "jobs_rolled_up": stats["jobs"],
+        f"latest {grain}": dg.MetadataValue.md(_duration_table(latest)),
+    }
+    # Numbers per job type and outcome: Dagster plots numeric metadata across
+    # materializations, so each becomes a time series in the asset's Plots tab.
+    for job_type, outcome, jobs, p50, p95, _ in latest:
+        metadata[f"p50_duration_s {job_type}/{outcome}"] = float(p50 or 0.0)
+        metadata[f"p95_duration_s {job_type}/{outcome}"] = float(p95 or 0.0)
+        metadata[f"jobs {job_type}/{outcome}"] = int(jobs)
+    return dg.MaterializeResult(metadata=metadata)
+
+
+def _duration_table(rows: list[tuple[Any, ...]]) -> str:
+    if not rows:
+        return "no jobs yet"
+    lines = [
+        "| job type | outcome | jobs | p50 duration (s) | p95 duration (s) | avg queue (s) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for job_type, outcome, jobs, p50, p95, queue in rows:
+        lines.append(
+            f"| {job_type} | {outcome} | {jobs} | {p50 or 0:.1f} | {p95 or 0:.1f} | "
+            f"{queue or 0:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 @dg.asset(

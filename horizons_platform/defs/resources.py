@@ -1,3 +1,4 @@
+
 """Resources every Horizons asset, check, job and sensor gets injected.
 
 Three of them, so a run's config page shows what it talks to:
@@ -10,12 +11,13 @@ Three of them, so a run's config page shows what it talks to:
 * ``kafka`` — the idempotent publisher (alerts, audit records, validation traffic).
 """
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, SecretStr
 
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.settings import Settings
@@ -35,13 +37,26 @@ class HorizonsSettings(dg.ConfigurableResource):
     )
 
     def get(self) -> Settings:
-        return Settings(**self.overrides)  # type: ignore[arg-type]
+        values = {k: json.loads(v) if k in DICT_FIELDS else v for k, v in self.overrides.items()}
+        return Settings(**values)  # type: ignore[arg-type]
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "HorizonsSettings":
         """Pin every field of ``settings`` (tests, one-off runs against another store)."""
-        fields = settings.model_dump(exclude_none=True)
-        return cls(overrides={k: str(v) for k, v in fields.items()})
+        out: dict[str, str] = {}
+        for name, value in settings.model_dump(exclude_none=True).items():
+            if name in DICT_FIELDS:  # HORIZONS_KAFKA__*: as JSON text, secrets in clear
+                out[name] = json.dumps({k: _text(v) for k, v in value.items()})
+            else:
+                out[name] = _text(value)
+        return cls(overrides=out)
+
+
+DICT_FIELDS = ("kafka",)
+
+
+def _text(value: object) -> str:
+    return value.get_secret_value() if isinstance(value, SecretStr) else str(value)
 
 
 class DuckDBStore(dg.ConfigurableResource):

@@ -110,9 +110,14 @@ class PartitionLag:
 
 
 def group_lag(
-    settings: Settings, groups: dict[str, list[str]], timeout: float = 10.0
+    settings: Settings,
+    groups: dict[str, list[str]],
+    timeout: float = 10.0,
+    with_ages: bool = True,
 ) -> list[PartitionLag]:
-    """Lag per group and partition, in messages and seconds, from Kafka's committed offsets."""
+    """Lag per group and partition, in messages and seconds, from Kafka's committed offsets
+    (``with_ages=False``: messages only, without fetching a record per lagging partition;
+    ``age_s`` is then 0)."""
     # A short fetch wait: the age probe's poll would otherwise leave a fetch outstanding
     # that every later watermark request on this consumer queues behind (~0.5 s each).
     probe = Consumer(
@@ -150,7 +155,8 @@ def group_lag(
                 start = tp.offset if tp.offset != OFFSET_INVALID and tp.offset >= 0 else low
                 rows.append((group, tp.topic, tp.partition, start, high))
         # Ages last, all lagging partitions in one fetch round.
-        ages = _ages(probe, {(t, p, s) for _, t, p, s, h in rows if h > s}, timeout)
+        lagging = {(t, p, s) for _, t, p, s, h in rows if h > s}
+        ages = _ages(probe, lagging, timeout) if with_ages else {}
         return [
             PartitionLag(g, t, p, s, h, max(0, h - s), ages.get((t, p, s), 0.0))
             for g, t, p, s, h in rows

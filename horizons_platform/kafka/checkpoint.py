@@ -19,6 +19,7 @@ from horizons_platform.services.audit import safe_text
 from horizons_platform.services.base import Batch, Handler, Tables, now
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreBase, StoreUnavailable, is_conflict
+from horizons_platform.tracing import trace_id_of
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,7 @@ class Checkpoint:
                     one.partitions[0],
                     one.offsets[0],
                     exc,
+                    extra=_record_fields(one),
                 )
                 self._write(one, {}, [_letter(one, type(exc).__name__, str(exc) or repr(exc))])
                 continue
@@ -240,6 +242,18 @@ class Checkpoint:
             "received_at": now(),
             "cluster_id": self.cluster_id or "",
         }
+
+
+def _record_fields(one: Batch) -> dict[str, Any]:
+    """The record's coordinates, event id and trace id for a log line (JSON logs)."""
+    event = one.events[0] if one.events else None
+    return {
+        "topic": one.topics[0],
+        "partition": one.partitions[0],
+        "offset": one.offsets[0],
+        "event_id": str(event["event_id"]) if event else None,
+        "trace_id": trace_id_of(event["trace_id"]) if event else None,
+    }
 
 
 def _letter(one: Batch, error_class: str, message: str) -> DeadLetter:

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -32,6 +32,9 @@ from horizons_platform.services.base import Batch, Handler, Tables, now
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreBase
+
+if TYPE_CHECKING:
+    from horizons_platform.runtime.prometheus import HostMetrics
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class ConsumerLoop:
         stop_event: threading.Event | None = None,
         client_id: str | None = None,
         raise_alerts: Callable[[list[health_rules.Evaluation]], object] | None = None,
+        metrics: HostMetrics | None = None,
     ) -> None:
         self.handler = handler
         self.settings = settings
@@ -74,6 +78,7 @@ class ConsumerLoop:
         self._last_signals = time.monotonic()
         # Records alerts (health_alerts + the publication outbox); the host wires it.
         self.raise_alerts = raise_alerts
+        self.metrics = metrics
         self.refused: str | None = None  # why the stored offsets must not be used
         self._next_offsets_check = time.monotonic() + OFFSETS_CHECK_INTERVAL_S
         self._client_id = client_id or f"{self.group}-{socket.gethostname()}-{os.getpid()}"
@@ -138,11 +143,14 @@ class ConsumerLoop:
                 if self.refused is not None:
                     code = EXIT_OFFSETS  # nothing of this poll is stored or committed
                     break
+                polled = time.monotonic()
                 batch = self._batch(messages) if messages else None
                 if batch is not None:
+                    if self.metrics is not None:
+                        self.metrics.observe_consumed(self.group, batch.topics)
                     rows = self.checkpoint.prepare(batch)
                     self._finish_in_flight()
-                    self._in_flight = self._writer.submit(self._store, batch, rows)
+                    self._in_flight = self._writer.submit(self._store, batch, rows, polled)
                 else:
                     self._finish_in_flight()
                     if self._broker_down_since is not None and self._broker_still_down():
@@ -164,11 +172,12 @@ class ConsumerLoop:
             self._close(code)
         return code
 
-    def _store(self, batch: Batch, rows: Tables | None) -> None:
+    def _store(self, batch: Batch, rows: Tables | None, polled: float = 0.0) -> None:
         """On the writer thread: the batch's transaction, then its offsets to Kafka at
         once (librdkafka's commit is thread-safe), not at the next poll. A failing store
         is retried with backoff for ``store_retry_s``, then :class:`StoreFailed`."""
         delay, deadline = 0.2, time.monotonic() + self.settings.store_retry_s
+        commit_started = time.monotonic()
         while True:
             try:
                 next_offsets = self.checkpoint.commit(batch, rows)
@@ -190,6 +199,8 @@ class ConsumerLoop:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self._commit_to_kafka(next_offsets)
+        if self.metrics is not None:
+            self.metrics.observe_batch(self.group, batch.topics, polled, commit_started)
 
     def _finish_in_flight(self) -> None:
         """Wait for the batch being written. A store failure surfaces here and stops the
@@ -389,6 +400,8 @@ class ConsumerLoop:
     def _send_dead_letters(self, dead: list[DeadLetter]) -> None:
         if not dead:
             return
+        if self.metrics is not None:
+            self.metrics.observe_dead_letters(self.group, [d.topic for d in dead])
         for d in dead:
             headers = [
                 ("error_class", d.error_class.encode()),

@@ -103,6 +103,7 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_dlq(args: argparse.Namespace) -> int:
     from horizons_platform.kafka.producer import Publisher
     from horizons_platform.operations import dlq
+    from horizons_platform.progress import progress
     from horizons_platform.store.client import Store
 
     settings = Settings()
@@ -159,9 +160,16 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         question = f"Replay {len(letters)} dead letter(s) to their original topics?"
         if not _confirm(question, args.yes):
             return 1
-        results = dlq.replay(
-            settings, store, Publisher(settings), letters, value=value, force=args.force
-        )
+        with progress("replaying dead letters", len(letters)) as update:
+            results = dlq.replay(
+                settings,
+                store,
+                Publisher(settings),
+                letters,
+                value=value,
+                force=args.force,
+                on_letter=update,
+            )
     except dlq.DlqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ from __future__ import annotations
 import getpass
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -138,6 +139,7 @@ def replay(
     value: bytes | None = None,
     force: bool = False,
     actor: str | None = None,
+    on_letter: Callable[[int], None] | None = None,
 ) -> list[Replayed]:
     """Re-publish ``letters`` (``value`` replaces the bytes of a single letter)."""
     if value is not None and len(letters) != 1:
@@ -145,6 +147,8 @@ def replay(
     actor = actor or f"{getpass.getuser()}@{socket.gethostname()} (horizons dlq replay)"
     out: list[Replayed] = []
     for letter in letters:
+        if on_letter is not None:
+            on_letter(len(out))
         if letter.replayed_at is not None and not force:
             out.append(
                 Replayed(

@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
@@ -72,7 +73,12 @@ def newest_published_head(settings: Settings, timeout: float = 10.0) -> SignedHe
 
 
 def check_trail(
-    store: StoreBase, settings: Settings, *, full: bool = False, witness: bool = True
+    store: StoreBase,
+    settings: Settings,
+    *,
+    full: bool = False,
+    witness: bool = True,
+    on_rows: Callable[[int, int | None], None] | None = None,
 ) -> TrailReport:
     """Verify (incrementally unless ``full``) against the signed heads and Kafka's."""
     public = load_public(settings)
@@ -84,7 +90,7 @@ def check_trail(
         except KafkaException as exc:
             unreachable = f"Kafka not asked (unreachable: {exc}); heads checked in the store only"
     with store.snapshot() as con:
-        report = verify_trail(con, public, full=full, witness=published)
+        report = verify_trail(con, public, full=full, witness=published, on_rows=on_rows)
     if unreachable:
         report.notes.append(unreachable)
     if report.ok:

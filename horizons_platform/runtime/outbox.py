@@ -19,6 +19,7 @@ import smtplib
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -195,6 +196,8 @@ class OutboxDispatcher:
         self._unwritten: list[Outcome] = []  # sent or failed, recorded with the next claim
         self.sent = 0
         self.failed_attempts = 0
+        # Told each send's seconds and success (the host's Prometheus metrics).
+        self.observe: Callable[[float, bool], None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -244,7 +247,10 @@ class OutboxDispatcher:
             if unavailable is not None:  # the server is gone: the rest wait for the next try
                 outcomes.append(Outcome(n.notification_id, n.attempts, unavailable))
                 continue
+            started = time.monotonic()
             outcome = self._deliver(session, n)
+            if self.observe is not None:
+                self.observe(time.monotonic() - started, outcome.error is None)
             if outcome.error is not None and session.lost:
                 unavailable = f"not attempted: {outcome.error}"
             outcomes.append(outcome)

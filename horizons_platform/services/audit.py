@@ -33,6 +33,7 @@ from horizons_platform import events as ev
 from horizons_platform.services.base import Batch, Columns, Handler, Tables, now
 from horizons_platform.services.signing import HEAD_ACTION, HEAD_KEY, sign_head
 from horizons_platform.store import tables
+from horizons_platform.tracing import trace_id_of
 
 if TYPE_CHECKING:
     import duckdb
@@ -286,8 +287,10 @@ def audit_columns(batch: Batch, recorded_at: datetime) -> Columns:
     types: list[str | None] = []
     occurred: list[datetime | None] = []
     reasons: list[str | None] = []
+    traces: list[str | None] = []
     for i, event in enumerate(batch.events):
         if event is not None:
+            traces.append(trace_id_of(event["trace_id"]))
             event_ids.append(str(event["event_id"]))
             job_ids.append(event["job_id"])
             types.append(event["event_type"])
@@ -295,6 +298,7 @@ def audit_columns(batch: Batch, recorded_at: datetime) -> Columns:
             reasons.append(None)
         else:
             hint = _best_effort_fields(batch.values[i])
+            traces.append(None)
             event_ids.append(hint.get("event_id"))
             job_ids.append(hint.get("job_id"))
             types.append(hint.get("event_type"))
@@ -314,6 +318,7 @@ def audit_columns(batch: Batch, recorded_at: datetime) -> Columns:
         "validation_error": reasons,
         "raw": [v or b"" for v in batch.values],
         "cluster_id": [batch.cluster_id] * n,
+        "trace_id": traces,
     }
 
 
@@ -352,12 +357,13 @@ _AUDIT_SCHEMA = pa.schema(
         ("prev_hash", pa.string()),
         ("hash", pa.string()),
         ("cluster_id", pa.string()),
+        ("trace_id", pa.string()),
     ]
 )
 _INSERT_AUDIT = (
     'INSERT INTO audit_log (seq, hash_rule, topic, "partition", "offset", recorded_at, '
     "valid, event_id, job_id, event_type, occurred_at, validation_error, raw, prev_hash, "
-    f"hash, cluster_id, payload) SELECT *, {PAYLOAD_OF_RAW} FROM horizons_audit"
+    f"hash, cluster_id, trace_id, payload) SELECT *, {PAYLOAD_OF_RAW} FROM horizons_audit"
 )
 
 

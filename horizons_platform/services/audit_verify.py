@@ -20,6 +20,7 @@ Incremental: a run starts after the last verified (seq, hash) recorded in
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -129,6 +130,7 @@ def verify_trail(
     *,
     full: bool = True,
     witness: SignedHead | None = None,
+    on_rows: Callable[[int, int | None], None] | None = None,
 ) -> TrailReport:
     report = TrailReport(ok=True, checked=0)
     checkpoints = _checkpoints(con)
@@ -187,7 +189,11 @@ def verify_trail(
     # 2. the rows chain
     if start is not None:
         report.incremental_from = start[0]
-    chain: ChainReport = verify(iter_rows(con, after_seq=after), checkpoints, start or (0, GENESIS))
+    rows = iter_rows(con, after_seq=after)
+    if on_rows is not None:
+        total = con.execute("SELECT count(*) FROM audit_log WHERE seq > ?", [after]).fetchall()
+        rows = _counted(rows, on_rows, int(total[0][0]))
+    chain: ChainReport = verify(rows, checkpoints, start or (0, GENESIS))
     report.checked = chain.checked
     report.through = chain.through
     if not chain.ok:
@@ -266,6 +272,16 @@ def verify_trail(
         else:
             report.notes.append(f"Kafka's newest published head (seq {witness.seq}) is held")
     return report
+
+
+def _counted(
+    rows: Iterator[dict[str, Any]], on_rows: Callable[[int, int | None], None], total: int
+) -> Iterator[dict[str, Any]]:
+    for n, row in enumerate(rows, start=1):
+        if n % 50_000 == 0:
+            on_rows(n, total)
+        yield row
+    on_rows(total, total)
 
 
 def _newest_head(con: duckdb.DuckDBPyConnection) -> SignedHead | None:

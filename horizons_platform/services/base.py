@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from horizons_platform.events import EventDecodeError, EventDict, validate
 from horizons_platform.store import tables
+from horizons_platform.tracing import trace_id_of
 
 if TYPE_CHECKING:
     import duckdb
@@ -212,7 +213,7 @@ def job_event_columns(batch: Batch, indices: list[int], ingested_at: datetime) -
         "occurred_at": [e["occurred_at"] for e in events],
         "producer": [e["producer"] for e in events],
         "schema_version": [e["schema_version"] for e in events],
-        "trace_id": [e["trace_id"] for e in events],
+        "trace_id": [trace_id_of(e["trace_id"]) for e in events],
         "payload": [tables.to_json(e["payload"]) for e in events],
         "topic": [batch.topics[i] for i in indices],
         "partition": [batch.partitions[i] for i in indices],

@@ -189,6 +189,42 @@ def build_report(
     }
 
 
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as a compliance officer reads it (shown in the Dagster UI)."""
+    ok = "yes" if report["retention_compliant"] else "**NO**"
+    chain = "verified" if report["chain_verified"] else f"**BROKEN**: {report['chain_error']}"
+    head = report.get("head") or {}
+    lines = [
+        f"# Compliance report {report['report_id']}",
+        f"Generated {report['generated_at']:%Y-%m-%d %H:%M:%S} UTC.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| events audited | {report['total_events']:,} "
+        f"({report['invalid_events']:,} invalid, kept flagged) |",
+        f"| jobs covered | {report['jobs_covered']:,} |",
+        f"| oldest / newest event | {report['oldest_event']} / {report['newest_event']} |",
+        f"| audit chain | {chain} |",
+        f"| newest signed head | seq {head.get('seq', '-')} at {head.get('signed_at', '-')} |",
+        f"| signing key | `{report.get('key_id') or '-'}` |",
+        f"| retention ({report['retention_days']} days) | {report['retention_status']} |",
+        f"| retention compliant | {ok} |",
+        "",
+        "## Retention per table",
+        "",
+        "| table | oldest row | kept (days) | expired rows | within policy |",
+        "|---|---|---:|---:|---|",
+    ]
+    for table, p in report.get("tables", {}).items():
+        lines.append(
+            f"| {table} | {p['oldest'] or '-'} | {p['retention_days']} | {p['expired_rows']} | "
+            f"{'yes' if p['within_policy'] else '**no**'} |"
+        )
+    if report.get("public_key"):
+        lines += ["", "## Public key", "", "```", report["public_key"].strip(), "```"]
+    return "\n".join(lines)
+
+
 def save_report(con: duckdb.DuckDBPyConnection, report: dict[str, Any]) -> None:
     row = {k: v for k, v in report.items() if k not in ("head", "tables")}
     row["report"] = json.dumps(report, default=str)

@@ -28,6 +28,7 @@ from horizons_platform.services.base import (
     rows_to_columns,
 )
 from horizons_platform.store.tables import fold_job_updates
+from horizons_platform.tracing import trace_id_of
 
 _STATUS = JOB_STATUS_OF
 
@@ -104,6 +105,7 @@ def job_update(event: EventDict, updated_at: datetime) -> dict[str, Any]:
         "finished_at": occurred if kind in TERMINAL_TYPES else None,
         "last_event_id": str(event["event_id"]),
         "updated_at": updated_at,
+        "trace_id": trace_id_of(event["trace_id"]),
     }
 
 

@@ -18,6 +18,7 @@ from horizons_platform.events import (
     EventDict,
 )
 from horizons_platform.services.base import Batch, Handler, Tables, now, rows_to_columns
+from horizons_platform.tracing import trace_id_of
 
 _NAMESPACE = uuid.UUID("6f1c3f0e-6d38-4c8e-9a55-8c1e6f3a2b10")
 KINDS = {
@@ -106,6 +107,7 @@ class NotificationHandler(Handler):
                     "attempts": 0,
                     "created_at": created,
                     "next_attempt_at": created,
+                    "trace_id": trace_id_of(event["trace_id"]),
                 }
             )
         if not rows:

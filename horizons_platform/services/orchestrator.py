@@ -16,6 +16,7 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from horizons_platform import events as ev
+from horizons_platform import tracing
 from horizons_platform.kafka.admin import watermarks
 from horizons_platform.kafka.producer import Delivery, DeliveryError, Publisher
 from horizons_platform.settings import Settings
@@ -156,6 +157,7 @@ class JobOrchestratorService:
         if job is None:
             job = self._jobs[event.job_id] = {}
         job["state"] = target
+        job.setdefault("trace_id", tracing.trace_int(event.trace_id))
         job.setdefault("owner", getattr(event.payload, "owner", None))
         job.setdefault("job_type", getattr(event.payload, "job_type", None))
         job[target + "_at"] = event.occurred_at
@@ -175,7 +177,15 @@ class JobOrchestratorService:
             job = self._job(job_id) or {}
             payload.setdefault("owner", job.get("owner"))
             payload.setdefault("job_type", job.get("job_type"))
-            event = ev.new_event(cls, producer=self.producer_name, job_id=job_id, payload=payload)
+            event_type = cls.model_fields["event_type"].default
+            trace_id = job.get("trace_id") or tracing.new_trace_id()  # one trace per job
+            event = ev.new_event(
+                cls,
+                producer=self.producer_name,
+                job_id=job_id,
+                payload=payload,
+                trace_id=tracing.event_traceparent(event_type, trace_id),
+            )
             delivery = self._send(self.settings.topic_job_lifecycle, event)
             self._fold(event)
             return delivery
@@ -246,7 +256,12 @@ class JobOrchestratorService:
             raise IllegalTransition(f"job {job_id} has not finished: no metrics yet")
         metrics.setdefault("job_type", job.get("job_type"))
         metrics.setdefault("outcome", job["state"])
+        trace_id = job.get("trace_id") or tracing.new_trace_id()
         event = ev.new_event(
-            ev.JobMetrics, producer=self.producer_name, job_id=job_id, payload=metrics
+            ev.JobMetrics,
+            producer=self.producer_name,
+            job_id=job_id,
+            payload=metrics,
+            trace_id=tracing.event_traceparent(ev.JOB_METRICS, trace_id),
         )
         return self._send(self.settings.topic_job_metrics, event)

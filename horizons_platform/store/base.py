@@ -41,6 +41,8 @@ def is_conflict(exc: BaseException) -> bool:
 class StoreBase(ABC):
     settings: Settings
     path: Path
+    # Told how long each write transaction took (the host's Prometheus histogram).
+    observe: Callable[[float, str], None] | None = None
 
     @abstractmethod
     def reader(self) -> AbstractContextManager[Any]:
@@ -62,6 +64,8 @@ class StoreBase(ABC):
                 with self.transaction() as con:
                     result = work(con)
                 took = time.monotonic() - started
+                if self.observe is not None:
+                    self.observe(took, threading.current_thread().name)
                 if took > SLOW_TRANSACTION_S:
                     log.warning(
                         "slow store transaction: %.2fs (%s)", took, threading.current_thread().name

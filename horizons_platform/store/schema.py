@@ -304,6 +304,18 @@ MIGRATIONS: list[tuple[int, str]] = [
         ALTER TABLE compliance_reports ADD COLUMN head_signed_at TIMESTAMPTZ;
         """,
     ),
+    (
+        6,
+        # The job's W3C trace id (32 hex; tracing.py) wherever a job's events are stored,
+        # so one query finds them all. job_events.trace_id held the whole traceparent.
+        """
+        ALTER TABLE audit_log ADD COLUMN trace_id VARCHAR;
+        ALTER TABLE jobs ADD COLUMN trace_id VARCHAR;
+        ALTER TABLE notifications ADD COLUMN trace_id VARCHAR;
+        UPDATE job_events SET trace_id = regexp_extract(trace_id, '^[0-9a-f]{2}-([0-9a-f]{32})-', 1)
+        WHERE trace_id IS NOT NULL;
+        """,
+    ),
 ]
 
 

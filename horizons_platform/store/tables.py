@@ -115,6 +115,7 @@ _JOB_COLUMNS = (
     "queue_time_s",
     "last_event_id",
     "updated_at",
+    "trace_id",
 )
 
 
@@ -175,6 +176,7 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -
             ("queue_time_s", pa.float64()),
             ("last_event_id", pa.string()),
             ("updated_at", pa.timestamp("us", tz="UTC")),
+            ("trace_id", pa.string()),
         ]
     )
     horizons_jobs = pa.table({n: columns[n] for n in _JOB_COLUMNS}, schema)  # noqa: F841
@@ -185,7 +187,7 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -
     # derived from whichever side (batch or table) knows the start and the finish.
     con.execute(
         """
-        INSERT INTO jobs SELECT * FROM horizons_jobs
+        INSERT INTO jobs BY NAME SELECT * FROM horizons_jobs
         ON CONFLICT (job_id) DO UPDATE SET
             status = CASE WHEN {excluded_rank} > {stored_rank}
                           THEN excluded.status ELSE jobs.status END,
@@ -204,7 +206,8 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -
                   - epoch(coalesce(jobs.submitted_at, excluded.submitted_at))),
             last_event_id = CASE WHEN {excluded_rank} > {stored_rank}
                                  THEN excluded.last_event_id ELSE jobs.last_event_id END,
-            updated_at = excluded.updated_at
+            updated_at = excluded.updated_at,
+            trace_id = coalesce(jobs.trace_id, excluded.trace_id)
         """.format(
             excluded_rank=_RANK_SQL.format(col="excluded.status"),
             stored_rank=_RANK_SQL.format(col="jobs.status"),

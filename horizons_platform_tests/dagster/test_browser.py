@@ -97,6 +97,7 @@ def horizons_up(kafka_bootstrap: str, tmp_path: Path) -> Iterator[Up]:
             "HORIZONS_UI_PORT": str(port),
             "HORIZONS_SMTP_PORT": str(free_port()),
             "HORIZONS_MATERIALIZATION_INTERVAL_S": "2",
+            "HORIZONS_METRICS_PORT": "0",
             **{f"HORIZONS_{k.upper()}": v for k, v in unique_topics().items()},
         }
     )
@@ -166,6 +167,14 @@ def _launch_and_wait(page, button: str, shots: Path, name: str) -> str:  # type:
     return run_id
 
 
+def _open_markdown(page, key: str) -> None:  # type: ignore[no-untyped-def]
+    """Long Markdown metadata opens in a dialog from its entry; short renders inline."""
+    row = page.locator("tr", has=page.get_by_text(key, exact=True)).first
+    link = row.get_by_text("[Show Markdown]")
+    if link.count():
+        link.first.click()
+
+
 def test_ui_of_horizons_up_demo(horizons_up: Up, tmp_path: Path) -> None:
     _require_browser()
     from playwright.sync_api import Error as PlaywrightError
@@ -190,6 +199,28 @@ def test_ui_of_horizons_up_demo(horizons_up: Up, tmp_path: Path) -> None:
             # Launch compliance_report_job from its page, as an operator would.
             page.goto(f"{url}/locations/horizons_platform/jobs/compliance_report_job")
             _launch_and_wait(page, "Materialize", shots, "compliance_report_job")
+            # The report reads as a document on the asset's page.
+            page.goto(f"{url}/assets/compliance_report")
+            expect(page.get_by_text("tables_within_policy").first).to_be_visible()
+            page.get_by_text("report", exact=True).first.scroll_into_view_if_needed()
+            page.screenshot(path=str(shots / "compliance_report_asset.png"), full_page=True)
+            _open_markdown(page, "report")
+            expect(page.get_by_text("Retention per table").first).to_be_visible()
+            page.screenshot(path=str(shots / "compliance_report_markdown.png"), full_page=True)
+            page.keyboard.press("Escape")
+
+            # The metrics rollups: a duration table per job type and outcome, and plots.
+            page.goto(f"{url}/locations/horizons_platform/jobs/metrics_rollup_job")
+            _launch_and_wait(page, "Materialize all", shots, "metrics_rollup_job")
+            page.goto(f"{url}/assets/metrics_daily")
+            expect(page.get_by_text("latest day").first).to_be_visible()
+            _open_markdown(page, "latest day")
+            expect(page.get_by_text("p95 duration (s)").first).to_be_visible()
+            page.keyboard.press("Escape")
+            page.get_by_role("button", name=re.compile(r"Plots$")).first.click()
+            expect(page.get_by_text(re.compile(r"^p95_duration_s ")).first).to_be_visible()
+            page.screenshot(path=str(shots / "metrics_daily_plots.png"), full_page=True)
+
             # Then every check, from the launchpad of checks_job.
             page.goto(f"{url}/locations/horizons_platform/jobs/checks_job/playground")
             _launch_and_wait(page, "Launch Run", shots, "checks_job")

@@ -39,7 +39,7 @@ def test_checks_job_passes_on_real_traffic(
     run_job(settings, "compliance_report_job", instance)
     result = run_job(settings, "checks_job", instance)
     results = check_results(result)
-    assert len(results) == 13
+    assert len(results) == 14
     failed = {n: (e.description, e.metadata) for n, e in results.items() if not e.passed}
     assert not failed
     assert results["terminal_jobs_notified"].metadata["missing_notifications"].value == 0

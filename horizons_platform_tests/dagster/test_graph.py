@@ -37,6 +37,7 @@ CHECKS = {
     "audit_log:audit_chain_verifies": True,
     "audit_log:audit_retention_compliant": True,
     "audit_log:audit_records_well_formed": True,
+    "job_events:event_schemas_compatible": True,
     "job_events:job_events_required_fields": True,
     "job_events:job_events_per_job_ordering": True,
     "notifications:terminal_jobs_notified": True,

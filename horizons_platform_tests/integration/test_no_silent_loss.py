@@ -344,6 +344,12 @@ def test_a_failing_store_stops_the_consumer_with_nothing_dead_lettered_or_commit
     try:
         first = _run_jobs(settings, "ok", 5)
         wait_for(lambda: _audited(store, "ok") == (first, first), 60, what="first jobs")
+        wait_for(
+            lambda: store.scalar("SELECT count(*) FROM job_events WHERE job_id LIKE 'ok-%'")
+            == first,
+            60,
+            what="the metrics group's first jobs",
+        )
         wait_for(wal.exists, 10, what="the WAL file")
         # The disk refuses every write of the store (as a full or failing disk would).
         subprocess.run(["chattr", "+i", str(wal)], check=True)
