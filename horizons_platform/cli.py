@@ -8,26 +8,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from horizons_platform.output import print_table
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 
 
 def _settings() -> Settings:
     return Settings()
-
-
-def _print_table(
-    columns: Sequence[str], rows: Sequence[Sequence[object]], limit: int = 200
-) -> None:
-    shown = [["" if v is None else str(v) for v in row] for row in rows[:limit]]
-    widths = [max([len(c)] + [len(r[i]) for r in shown]) for i, c in enumerate(columns)]
-    widths = [min(w, 60) for w in widths]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
-    print(line)
-    print("  ".join("-" * w for w in widths))
-    for r in shown:
-        print("  ".join(v[:60].ljust(w) for v, w in zip(r, widths, strict=True)))
-    more = f" (first {limit} shown)" if len(rows) > limit else ""
-    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{more})")
 
 
 # --- broker -----------------------------------------------------------------------------
@@ -62,7 +48,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
                 return 1
             print(f"running: pid {st.pid}, {st.bootstrap}, Kafka {st.kafka_version}")
             print(f"log: {st.log_path}")
-            _print_table(["topic", "partitions"], sorted(st.topics.items()))
+            print_table(["topic", "partitions"], sorted(st.topics.items()))
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -84,7 +70,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
     background = []
     if settings.report_materializations:
         # Tells Dagster when the consumer-fed tables change (a thread; never blocks ingest).
-        from horizons_platform.defs.ingest import materialization_reporter
+        from horizons_platform.runtime.materializations import materialization_reporter
 
         background.append(materialization_reporter(settings))
     code = run_host(
@@ -171,7 +157,7 @@ def cmd_store(args: argparse.Namespace) -> int:
 
 def cmd_verify_audit(args: argparse.Namespace) -> int:
     from horizons_platform.progress import progress
-    from horizons_platform.runtime.audit_check import check_trail
+    from horizons_platform.services.audit_check import check_trail
     from horizons_platform.store.client import Store
 
     settings = _settings()
@@ -253,7 +239,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         )
     if per_table:
         print("\nretention per table (by the platform's clock):")
-        _print_table(
+        print_table(
             ["table", "oldest row", "kept (days)", "expired rows", "within policy"],
             [
                 [t, p["oldest"], p["retention_days"], p["expired_rows"], p["within_policy"]]
@@ -400,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_later_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _add_later_commands(sub: argparse._SubParsersAction) -> None:
     """`up`, `bench` and the operator's commands live in their own modules to keep this
     one thin."""
     from horizons_platform.operations.cli import add_operations_commands

@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from email_validator import EmailNotValidError, validate_email
 from pydantic import (
@@ -26,18 +26,18 @@ from pydantic_core import SchemaValidator, core_schema
 
 SCHEMA_VERSION = 1
 
-JOB_SUBMITTED = "job.submitted"
-JOB_STARTED = "job.started"
-JOB_COMPLETED = "job.completed"
-JOB_FAILED = "job.failed"
-JOB_CANCELLED = "job.cancelled"
-JOB_METRICS = "job.metrics"
-HEALTH_ALERT = "health.alert"
-HEALTH_RECOVERED = "health.recovered"
-CONSUMER_STARTED = "consumer.started"
-CONSUMER_STOPPED = "consumer.stopped"
-CONSUMER_BROKER_LOST = "consumer.broker_lost"
-AUDIT_RECORD = "audit.record"
+JOB_SUBMITTED: Final = "job.submitted"
+JOB_STARTED: Final = "job.started"
+JOB_COMPLETED: Final = "job.completed"
+JOB_FAILED: Final = "job.failed"
+JOB_CANCELLED: Final = "job.cancelled"
+JOB_METRICS: Final = "job.metrics"
+HEALTH_ALERT: Final = "health.alert"
+HEALTH_RECOVERED: Final = "health.recovered"
+CONSUMER_STARTED: Final = "consumer.started"
+CONSUMER_STOPPED: Final = "consumer.stopped"
+CONSUMER_BROKER_LOST: Final = "consumer.broker_lost"
+AUDIT_RECORD: Final = "audit.record"
 
 LIFECYCLE_TYPES = (JOB_SUBMITTED, JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
 TERMINAL_TYPES = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
@@ -247,7 +247,6 @@ Event = Annotated[
     | AuditRecord,
     Field(discriminator="event_type"),
 ]
-JobLifecycleEvent = JobSubmitted | JobStarted | JobCompleted | JobFailed | JobCancelled
 
 EVENT_TYPES: dict[str, type[Envelope]] = {
     JOB_SUBMITTED: JobSubmitted,
@@ -335,6 +334,11 @@ def audit_record(actor: str, action: str, details: dict[str, Any], producer: str
     )
 
 
+def safe_text(value: object, limit: int = 1000) -> str:
+    """Text that any UTF-8 store accepts: JSON may carry lone surrogates (\\ud800)."""
+    return str(value)[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def headers_for(event: Envelope) -> list[tuple[str, bytes]]:
     headers = [
         ("event_type", event.event_type.encode()),
@@ -360,7 +364,7 @@ def validate(raw: bytes | None) -> EventDict:
     if raw is None:
         raise EventDecodeError("message has no value (tombstone)", kind="malformed")
     try:
-        return _DICT_VALIDATOR.validate_json(raw)  # type: ignore[no-any-return]
+        return _DICT_VALIDATOR.validate_json(raw)
     except ValidationError as exc:
         raise _describe(exc) from None
 

@@ -3,14 +3,16 @@
 The host owns the store (:class:`StoreOwner`): it opens the DuckDB file — waiting as a
 hot standby while another host holds it — and serves it to every other process.
 
-Each selected service gets its own ConsumerLoop (own consumer group) on a thread; the
-notification service also gets the outbox dispatcher, the health service the monitor.
+Each selected service gets its own ConsumerLoop (own consumer group) on a thread, plus
+its side workers from SIDE_WORKERS (the notification service's outbox dispatcher, the
+health service's monitor).
 SIGTERM / SIGINT stop every loop after its current batch. If a loop loses the broker
 past the grace period, the whole host shuts down cleanly with that loop's exit code.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -19,15 +21,18 @@ import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol, cast
 
 from horizons_platform import events as ev
 from horizons_platform.kafka.admin import ensure_topics
-from horizons_platform.kafka.consumer import EXIT_OK, ConsumerLoop
+from horizons_platform.kafka.consumer import EXIT_BROKER_LOST, EXIT_OK, AlertSink, ConsumerLoop
 from horizons_platform.kafka.producer import Publisher
+from horizons_platform.kafka.records import Handler
 from horizons_platform.runtime.monitor import HealthMonitor, apply_evaluations
 from horizons_platform.runtime.outbox import OutboxDispatcher
 from horizons_platform.runtime.prometheus import HostMetrics
-from horizons_platform.runtime.publications import PublicationDispatcher
+from horizons_platform.runtime.publications import PublicationDispatcher, enqueue
+from horizons_platform.services.health_rules import Evaluation
 from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import SERVICE_GROUPS, Settings
@@ -48,8 +53,8 @@ class Host:
     groups: tuple[str, ...] = SERVICE_GROUPS
     stop_event: threading.Event = field(default_factory=threading.Event)
     loops: dict[str, ConsumerLoop] = field(default_factory=dict)
-    dispatcher: OutboxDispatcher | None = None
-    monitor: HealthMonitor | None = None
+    # Each service's side workers, by name (see SIDE_WORKERS).
+    workers: dict[str, Worker] = field(default_factory=dict)
     exit_codes: dict[str, int] = field(default_factory=dict)
     # Extra periodic hooks (e.g. reporting materializations to Dagster); never block ingest.
     background: list[Callable[[threading.Event, StoreOwner], None]] = field(default_factory=list)
@@ -90,35 +95,47 @@ class Host:
                 self.store,
                 publisher=self.publisher,
                 stop_event=self.stop_event,
-                raise_alerts=lambda found, g=group: apply_evaluations(
-                    self.settings, self.store, self.publisher, found, actor=f"consumer:{g}"
-                ),
+                raise_alerts=self._alert_sink(group),
                 metrics=self.metrics,
             )
-            if isinstance(handler, NotificationHandler):
-                self.dispatcher = OutboxDispatcher(self.settings, self.store, self.stop_event)
-                self.dispatcher.observe = self._observe_send
-                handler.on_new_notifications = self.dispatcher.wake
-                self._spawn("outbox", self.dispatcher.run)
+            for name, make in SIDE_WORKERS.get(group, {}).items():
+                worker = self.workers[name] = make(self, handler)
+                self._spawn(name, worker.run)
         # Alerts and audit records written while the broker was away leave from here.
         self.publications = PublicationDispatcher(
             self.settings, self.store, self.publisher, self.stop_event
         )
         self._spawn("publications", self.publications.run)
-        if "system-health" in self.groups:
-            self.monitor = HealthMonitor(self.settings, self.store, self.publisher, self.stop_event)
-            self._spawn("health-monitor", self.monitor.run)
         for hook in self.background:
             self._spawn(
                 getattr(hook, "__name__", "background"),
-                lambda h=hook: h(self.stop_event, self.store),
+                functools.partial(hook, self.stop_event, self.store),
             )
         for group, loop in self.loops.items():
-            self._spawn(f"consumer-{group}", lambda g=group, lp=loop: self._run_loop(g, lp))
+            self._spawn(f"consumer-{group}", functools.partial(self._run_loop, group, loop))
         self._announce(ev.ConsumerStarted, "started")
         return True
 
-    def _observe_send(self, seconds: float, ok: bool) -> None:
+    @property
+    def dispatcher(self) -> OutboxDispatcher | None:
+        return cast("OutboxDispatcher | None", self.workers.get("outbox"))
+
+    @property
+    def monitor(self) -> HealthMonitor | None:
+        return cast("HealthMonitor | None", self.workers.get("health-monitor"))
+
+    def _alert_sink(self, group: str) -> AlertSink:
+        def raise_alert(
+            rule: str, subject: str, value: float, threshold: float, severity: str, text: str
+        ) -> object:
+            found = Evaluation(rule, subject, value, threshold, severity, True, text)
+            return apply_evaluations(
+                self.settings, self.store, self.publisher, [found], actor=f"consumer:{group}"
+            )
+
+        return raise_alert
+
+    def observe_send(self, seconds: float, ok: bool) -> None:
         self.metrics.outbox_send_seconds.observe(seconds)
         self.metrics.outbox_sent.labels("sent" if ok else "failed").inc()
 
@@ -149,9 +166,32 @@ class Host:
             thread.join(timeout)
         if not any(self.exit_codes.values()):
             self._announce(ev.ConsumerStopped, "stopped")
+        lost = [g for g, code in self.exit_codes.items() if code == EXIT_BROKER_LOST]
+        if lost:
+            self._record_broker_lost(lost)
         self.publisher.flush(2.0)
         self.store.close()
         return max(self.exit_codes.values(), default=EXIT_OK)
+
+    def _record_broker_lost(self, groups: list[str]) -> None:
+        """``consumer.broker_lost`` per group, through the publication outbox: the broker
+        is gone now, the next host publishes it once it is back."""
+        try:
+            with self.store.transaction() as con:
+                for group in groups:
+                    event = ev.new_event(
+                        ev.ConsumerBrokerLost,
+                        producer="consumer-host",
+                        payload={
+                            "consumer_group": group,
+                            "host": socket.gethostname(),
+                            "pid": os.getpid(),
+                            "detail": f"broker unreachable for {self.settings.broker_grace_s:.0f}s",
+                        },
+                    )
+                    enqueue(con, self.settings.topic_system_health, event, key=group)
+        except Exception:
+            log.exception("could not record the lost broker")
 
     def _announce(self, cls: type[ev.Envelope], detail: str) -> None:
         for group in self.groups:
@@ -171,6 +211,31 @@ class Host:
                 key=group,
                 headers=ev.headers_for(event),
             )
+
+
+class Worker(Protocol):
+    def run(self) -> None: ...
+
+
+def _outbox(host: Host, handler: Handler) -> OutboxDispatcher:
+    """Delivers the notification outbox; the handler wakes it after each commit."""
+    dispatcher = OutboxDispatcher(host.settings, host.store, host.stop_event)
+    dispatcher.observe = host.observe_send
+    assert isinstance(handler, NotificationHandler)
+    handler.on_new_notifications = dispatcher.wake
+    return dispatcher
+
+
+def _monitor(host: Host, handler: Handler) -> HealthMonitor:
+    """Measures lag and rates and raises the health alerts on a timer."""
+    return HealthMonitor(host.settings, host.store, host.publisher, host.stop_event)
+
+
+# The services' side workers, started beside their consumer loops: group → {name: maker}.
+SIDE_WORKERS: dict[str, dict[str, Callable[[Host, Handler], Worker]]] = {
+    "notifications": {"outbox": _outbox},
+    "system-health": {"health-monitor": _monitor},
+}
 
 
 def run_host(

@@ -263,7 +263,7 @@ class Launcher:
 
         maildir = self.settings.var_dir.resolve() / "demo-mail"
         logging.getLogger("mail.log").setLevel(logging.WARNING)  # a line per SMTP command
-        self.smtp = Controller(Mailbox(str(maildir)), hostname=host, port=port)
+        self.smtp = Controller(Mailbox(maildir), hostname=host, port=port)
         self.smtp.start()
         self.out(f"smtp: demo mailbox on {host}:{port}, mail kept in {maildir}")
 
@@ -459,7 +459,7 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-def add_up_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_up_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "up",
         help="broker + consumers + Dagster UI on 127.0.0.1:$HORIZONS_UI_PORT",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -94,3 +94,16 @@ def write_result(cursor: Any, fmt: str, limit: int | None, out: TextIO) -> Shown
                 n += 1
     out.flush()
     return Shown(n, truncated, limit)
+
+
+def print_table(columns: Sequence[str], rows: Sequence[Sequence[object]], limit: int = 200) -> None:
+    shown = [["" if v is None else str(v) for v in row] for row in rows[:limit]]
+    widths = [max([len(c)] + [len(r[i]) for r in shown]) for i, c in enumerate(columns)]
+    widths = [min(w, 60) for w in widths]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    print(line)
+    print("  ".join("-" * w for w in widths))
+    for r in shown:
+        print("  ".join(v[:60].ljust(w) for v, w in zip(r, widths, strict=True)))
+    more = f" (first {limit} shown)" if len(rows) > limit else ""
+    print(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{more})")

@@ -4,20 +4,18 @@ piped or logged output stays clean."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
 
-
-class Advance(Protocol):
-    def __call__(self, done: int, total: int | None = None) -> None: ...
+# update(done, total): total may change as the work is discovered.
+Advance = Callable[[int, "int | None"], None]
 
 
 @contextmanager
 def progress(description: str, total: int | None = None) -> Iterator[Advance]:
     """Yields ``update(done, total)``; a no-op unless stderr is a terminal."""
     if not sys.stderr.isatty():
-        yield lambda done, total=None: None
+        yield lambda done, total: None
         return
     from rich.console import Console
     from rich.progress import (

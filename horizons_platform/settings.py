@@ -12,6 +12,7 @@ import re
 import socket
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -203,10 +204,10 @@ class Settings(BaseSettings):
             self.topic_dlq: self.partitions_dlq,
         }
 
-    def kafka_config(self, **extra: object) -> dict[str, object]:
+    def kafka_config(self, **extra: Any) -> dict[str, Any]:
         """librdkafka settings shared by every client, plus ``extra``."""
         # librdkafka's own log lines go through Python logging, not straight to stderr.
-        conf: dict[str, object] = {
+        conf: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap,
             "logger": logging.getLogger("librdkafka"),
         }

@@ -19,6 +19,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACER = trace.get_tracer("horizons_platform")
+SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -32,12 +33,16 @@ def _span_id() -> int:
 
 def event_traceparent(name: str, trace_id: int) -> str:
     """A span for one event of the trace ``trace_id``; its ``traceparent``."""
-    parent = SpanContext(trace_id, _span_id(), is_remote=True, trace_flags=TraceFlags.SAMPLED)
+    parent = SpanContext(
+        trace_id, _span_id(), is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+    )
     context = trace.set_span_in_context(NonRecordingSpan(parent))
     with _TRACER.start_as_current_span(name, context=context) as span:
         current = span.get_span_context()
     if not current.is_valid:  # the API without an SDK: a context of our own
-        current = SpanContext(trace_id, _span_id(), False, trace_flags=TraceFlags.SAMPLED)
+        current = SpanContext(
+            trace_id, _span_id(), False, trace_flags=TraceFlags(TraceFlags.SAMPLED)
+        )
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(NonRecordingSpan(current)))
     return carrier["traceparent"]

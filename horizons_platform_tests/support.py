@@ -238,8 +238,8 @@ def record_in_the_past(
     auditor cannot be asked to record in the past, so tests of retention by recorded_at
     start here. Call it before a host writes to the store (a running auditor keeps the
     chain's tail in memory)."""
+    from horizons_platform.kafka.records import Batch
     from horizons_platform.services.audit import AuditHandler, audit_columns
-    from horizons_platform.services.base import Batch
 
     handler = AuditHandler(store.settings)
     store.ensure_schema()

@@ -16,10 +16,10 @@ from datetime import UTC, datetime
 
 from horizons_platform.bench.harness import BenchContext
 from horizons_platform.bench.report import BenchResult, Figure, Target
-from horizons_platform.runtime.audit_check import check_trail
-from horizons_platform.runtime.keys import load_or_create_private
+from horizons_platform.kafka.records import Batch
 from horizons_platform.services.audit import AuditHandler, audit_columns
-from horizons_platform.services.base import Batch
+from horizons_platform.services.audit_check import check_trail
+from horizons_platform.services.keys import load_or_create_private
 from horizons_platform.services.signing import sign_head
 from horizons_platform.store.client import Store
 from horizons_platform.store.tables import audit_tail
@@ -34,7 +34,7 @@ def _append(store: Store, handler: AuditHandler, n: int, first_offset: int) -> N
     done = 0
     while done < n:
         size = min(BATCH, n - done)
-        values = [
+        values: list[bytes | None] = [
             json.dumps(
                 {
                     "event_id": str(uuid.uuid4()),

@@ -209,7 +209,7 @@ def run(
     # Timeline seconds count from t0 (monotonic), taken together with wall0.
     b0, b1 = phases.burst_start - wall0, phases.burst_end - wall0
     result.add(Figure("burst produced in", b1 - b0, "s", note=f"{burst:,} events"))
-    drained: dict[str, float] = {}
+    drained_at_by_group: dict[str, float] = {}
     for group in SERVICE_GROUPS:
         lags = [(s.t, s.states[group].lag) for s in timeline.samples if s.t >= b0]
         peak_t, peak = max(lags, key=lambda x: x[1]) if lags else (b0, 0)
@@ -222,13 +222,13 @@ def run(
             )
         )
         back = next((t for t, lag in lags if t > peak_t and lag <= threshold / 10), drained_at)
-        drained[group] = back
+        drained_at_by_group[group] = back
         result.add(
             Figure(f"{group} drain time", back - b1, "s", note="burst end → lag ≤ threshold/10")
         )
     refs = references.measure(settings, ends, ctx.jar_dir, ctx.run_dir, ctx.progress)
     for group in SERVICE_GROUPS:
-        rate_in = _drain_rate(timeline, group, b0, drained[group])
+        rate_in = _drain_rate(timeline, group, b0, drained_at_by_group[group])
         bare, perf = refs.ratios(rate_in)
         result.add(
             Figure(f"{group} throughput while draining", rate_in, "events/s", None, bare, perf)

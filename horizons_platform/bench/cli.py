@@ -55,14 +55,14 @@ def _services(p: argparse.ArgumentParser, default_help: str) -> None:
     )
 
 
-def _parser(bench: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:  # type: ignore[type-arg]
+def _parser(bench: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     text = BENCHMARKS[name]
     return bench.add_parser(
         name, help=text, description=text[0].upper() + text[1:] + ".", epilog=EPILOG
     )
 
 
-def add_bench_command(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_bench_command(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "bench",
         help="benchmarks and fault injection (prints a table, writes JSON)",

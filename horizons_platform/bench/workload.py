@@ -114,11 +114,11 @@ class LedgerPublisher(Publisher):
     def send_async(
         self,
         topic: str,
-        value: bytes,
+        value: bytes | None,
         *,
         key: str | bytes | None,
         headers: Headers | None = None,
-        on_delivery: object = None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
         kind: str | None = None,
     ) -> None:
         if kind is None:
@@ -126,7 +126,7 @@ class LedgerPublisher(Publisher):
 
         def report(err: KafkaError | None, msg: Message) -> None:
             self.ledger.record(err, msg, kind)
-            if callable(on_delivery):
+            if on_delivery is not None:
                 on_delivery(err, msg)
 
         super().send_async(topic, value, key=key, headers=headers, on_delivery=report)

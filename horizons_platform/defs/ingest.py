@@ -3,16 +3,11 @@
 The four consumer services, not Dagster, write these tables, so they are external assets
 (:class:`dagster.AssetSpec`). The consumer host reports their materializations (row
 count, offsets, last write) to the Dagster instance from a background thread, so the UI
-shows their freshness; see :func:`materialization_reporter`.
+shows their freshness (runtime/materializations.py: the host never imports this module).
 """
 
 import logging
-import os
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -21,64 +16,11 @@ from duckdb import DuckDBPyConnection
 from horizons_platform import event_schemas
 from horizons_platform import events as ev
 from horizons_platform.defs.resources import DuckDBStore, HorizonsSettings
+from horizons_platform.runtime.materializations import FED_TABLES, FedTable
 from horizons_platform.runtime.monitor import UNDELIVERED_SQL, stale_claim_s
-from horizons_platform.settings import Settings
-from horizons_platform.store.base import StoreBase
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class FedTable:
-    """A table one consumer group writes, and how to measure it cheaply."""
-
-    name: str
-    group: str  # the consumer group that writes it ("" = every group)
-    written_at: str  # the column holding when a row was written
-    has_offset: bool  # rows carry their Kafka ("partition", "offset")
-    description: str
-
-
-FED_TABLES: tuple[FedTable, ...] = (
-    FedTable(
-        "audit_log",
-        "compliance-auditor",
-        "recorded_at",
-        True,
-        "Every event the ComplianceAuditor saw, valid or not, hash-chained (seq, prev_hash, "
-        "hash). Immutable; only the retention job removes expired records.",
-    ),
-    FedTable(
-        "job_events",
-        "metrics",
-        "ingested_at",
-        True,
-        "One row per valid job lifecycle or metrics event, keyed by event_id.",
-    ),
-    FedTable("jobs", "metrics", "updated_at", False, "One row per job: its current state."),
-    FedTable("job_metrics", "metrics", "ingested_at", False, "One row per job.metrics event."),
-    FedTable(
-        "notifications",
-        "notifications",
-        "created_at",
-        False,
-        "The notification outbox: one row per e-mail to a job owner, with delivery status.",
-    ),
-    FedTable(
-        "health_signals",
-        "system-health",
-        "observed_at",
-        False,
-        "Lag, rate and heartbeat samples from the consumers and the health monitor.",
-    ),
-    FedTable(
-        "dead_letters",
-        "",
-        "received_at",
-        True,
-        "Messages a consumer rejected (bad JSON, invalid schema, handler error), per group.",
-    ),
-)
 
 INGEST_GROUP = "ingest"
 
@@ -105,104 +47,12 @@ health_signals = SPECS["health_signals"]
 dead_letters = SPECS["dead_letters"]
 
 
-# --- materialization reporting (runs inside the consumer host) ------------------------
-
-
-def table_stats(con: DuckDBPyConnection) -> dict[str, dict[str, Any]]:
-    """Row count, last write and Kafka position of every consumer-fed table (a few ms)."""
-    positions = dict(
-        con.execute(
-            "SELECT consumer_group, sum(next_offset) FROM consumer_offsets GROUP BY ALL"
-        ).fetchall()
-    )
-    out: dict[str, dict[str, Any]] = {}
-    for t in FED_TABLES:
-        offset = 'max("offset")' if t.has_offset else "NULL"
-        rows, last, max_offset = con.execute(
-            f"SELECT count(*), max({t.written_at}), {offset} FROM {t.name}"
-        ).fetchone()  # type: ignore[misc]
-        out[t.name] = {
-            "rows": int(rows),
-            "last_written_at": last,
-            "max_offset": max_offset,
-            "group_position": int(positions.get(t.group) or 0),
-        }
-    return out
-
-
-def materialization_event(table: str, stats: dict[str, Any]) -> dg.AssetMaterialization:
-    fed = next(t for t in FED_TABLES if t.name == table)
-    metadata: dict[str, Any] = {"dagster/row_count": dg.MetadataValue.int(stats["rows"])}
-    if fed.group:
-        metadata["consumer_group"] = fed.group
-        # Messages the writing group has consumed, summed over its partitions.
-        metadata["group_position"] = dg.MetadataValue.int(stats["group_position"])
-    if stats["max_offset"] is not None:
-        metadata["max_offset"] = dg.MetadataValue.int(int(stats["max_offset"]))
-    if stats["last_written_at"] is not None:
-        metadata["last_written_at"] = dg.MetadataValue.timestamp(stats["last_written_at"])
-    return dg.AssetMaterialization(
-        asset_key=table,
-        description=f"reported by the consumer host (pid {os.getpid()})",
-        metadata=metadata,
-    )
-
-
-def _default_instance(settings: Settings) -> dg.DagsterInstance | None:
-    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_dir).resolve()
-    if not (home / "dagster.yaml").exists():
-        return None
-    # dagster.yaml reads DAGSTER_HOME for its storage paths.
-    os.environ.setdefault("DAGSTER_HOME", str(home))
-    return dg.DagsterInstance.from_config(str(home))
-
-
-def materialization_reporter(
-    settings: Settings,
-    instance_factory: Callable[[], dg.DagsterInstance | None] | None = None,
-) -> Callable[[threading.Event, StoreBase], None]:
-    """A consumer-host background hook: report fed-table materializations to Dagster.
-
-    Every ``materialization_interval_s`` it reads the tables' stats in one short read
-    and reports the tables that changed. It runs on its own thread and swallows every
-    error, so ingestion never waits on Dagster (or on a missing Dagster instance).
-    """
-    factory = instance_factory or (lambda: _default_instance(settings))
-
-    def report_materializations(stop: threading.Event, store: StoreBase) -> None:
-        instance: dg.DagsterInstance | None = None
-        last: dict[str, tuple[Any, ...]] = {}
-        warned = False
-        while not stop.wait(settings.materialization_interval_s):
-            try:
-                instance = instance or factory()
-                if instance is None:
-                    if not warned:
-                        log.info("no Dagster instance found: not reporting materializations")
-                        warned = True
-                    continue
-                with store.reader() as con:
-                    stats = table_stats(con)
-                for table, s in stats.items():
-                    # The table's own content, not the group's position: a consumer that
-                    # read messages without writing rows did not materialize anything.
-                    signature = (s["rows"], s["max_offset"], s["last_written_at"])
-                    if last.get(table) == signature:
-                        continue  # unchanged: no new event, keeps the instance's log small
-                    instance.report_runless_asset_event(materialization_event(table, s))
-                    last[table] = signature
-            except Exception as exc:
-                log.warning("could not report materializations to Dagster: %s", exc)
-
-    return report_materializations
-
-
 # --- checks on what the consumers wrote ------------------------------------------------
 
 _LIFECYCLE = ", ".join(f"'{t}'" for t in ev.LIFECYCLE_TYPES)
 _TERMINAL = ", ".join(f"'{t}'" for t in ev.TERMINAL_TYPES)
 _JOB_EVENT_TYPES = ", ".join(f"'{t}'" for t in (*ev.LIFECYCLE_TYPES, ev.JOB_METRICS))
-JOB_STATUSES = ("submitted", "running", "completed", "failed", "cancelled")
+JOB_STATUSES = tuple(ev.JOB_STATUS_RANK)
 
 
 def _sample(con: DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> str:
@@ -226,9 +76,9 @@ def job_events_required_fields(duckdb: DuckDBStore) -> dg.AssetCheckResult:
     statuses = ", ".join(f"'{s}'" for s in JOB_STATUSES)
     bad_jobs = f"SELECT job_id, status FROM jobs WHERE status NOT IN ({statuses}) OR owner IS NULL"
     with duckdb.get().reader() as con:
-        n_bad = con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]  # type: ignore[index]
-        n_jobs = con.execute(f"SELECT count(*) FROM ({bad_jobs})").fetchone()[0]  # type: ignore[index]
-        total = con.execute("SELECT count(*) FROM job_events").fetchone()[0]  # type: ignore[index]
+        n_bad = con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]
+        n_jobs = con.execute(f"SELECT count(*) FROM ({bad_jobs})").fetchone()[0]
+        total = con.execute("SELECT count(*) FROM job_events").fetchone()[0]
         sample = _sample(con, missing) + _sample(con, bad_jobs)
     return dg.AssetCheckResult(
         passed=n_bad == 0 and n_jobs == 0,
@@ -261,9 +111,9 @@ def job_events_per_job_ordering(duckdb: DuckDBStore) -> dg.AssetCheckResult:
         WHERE prev_step > step
     """
     with duckdb.get().reader() as con:
-        n_spread = con.execute(f"SELECT count(*) FROM ({spread})").fetchone()[0]  # type: ignore[index]
-        n_disorder = con.execute(f"SELECT count(*) FROM ({disorder})").fetchone()[0]  # type: ignore[index]
-        n_jobs = con.execute(f"SELECT count(DISTINCT job_id) FROM ({events})").fetchone()[0]  # type: ignore[index]
+        n_spread = con.execute(f"SELECT count(*) FROM ({spread})").fetchone()[0]
+        n_disorder = con.execute(f"SELECT count(*) FROM ({disorder})").fetchone()[0]
+        n_jobs = con.execute(f"SELECT count(DISTINCT job_id) FROM ({events})").fetchone()[0]
         sample = _sample(con, spread) + _sample(con, disorder)
     ok = n_spread == 0 and n_disorder == 0
     return dg.AssetCheckResult(
@@ -295,17 +145,17 @@ def terminal_jobs_notified(duckdb: DuckDBStore) -> dg.AssetCheckResult:
           AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.event_id = e.event_id)
     """
     with duckdb.get().reader() as con:
-        n_missing = con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]  # type: ignore[index]
+        n_missing = con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]
         by_status = dict(
             con.execute("SELECT status, count(*) FROM notifications GROUP BY ALL").fetchall()
         )
         terminal = con.execute(
             f"SELECT count(*) FROM job_events WHERE event_type IN ({_TERMINAL})"
-        ).fetchone()[0]  # type: ignore[index]
+        ).fetchone()[0]
         sample = _sample(con, missing)
         undelivered = con.execute(
             UNDELIVERED_SQL.format(stale_s=stale_claim_s(duckdb.settings.get()))
-        ).fetchone()[0]  # type: ignore[index]
+        ).fetchone()[0]
     failed = int(by_status.get("failed", 0))
     stuck = int(undelivered) - failed
     ok = n_missing == 0 and failed == 0 and stuck == 0
@@ -359,9 +209,9 @@ def invalid_events_rejected_consistently(
                  AND NOT a.valid AND a.raw IS NOT NULL)
     """
     with duckdb.get().reader() as con:
-        n_accepted = con.execute(f"SELECT count(*) FROM ({accepted_invalid})").fetchone()[0]  # type: ignore[index]
-        n_unaudited = con.execute(f"SELECT count(*) FROM ({unaudited})", [cutoff]).fetchone()[0]  # type: ignore[index]
-        letters = con.execute("SELECT count(*) FROM dead_letters").fetchone()[0]  # type: ignore[index]
+        n_accepted = con.execute(f"SELECT count(*) FROM ({accepted_invalid})").fetchone()[0]
+        n_unaudited = con.execute(f"SELECT count(*) FROM ({unaudited})", [cutoff]).fetchone()[0]
+        letters = con.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
         sample = _sample(con, accepted_invalid) + _sample(con, unaudited, [cutoff])
     ok = n_accepted == 0 and n_unaudited == 0
     return dg.AssetCheckResult(

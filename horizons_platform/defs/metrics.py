@@ -28,7 +28,7 @@ def rollup(con: DuckDBPyConnection, grain: Grain, now: datetime | None = None) -
     now = now or datetime.now(UTC)
     # Buckets are UTC hours/days whatever the machine's zone.
     con.execute("SET TimeZone = 'UTC'")
-    last = con.execute(f"SELECT max(computed_at) FROM {table}").fetchone()[0]  # type: ignore[index]
+    last = con.execute(f"SELECT max(computed_at) FROM {table}").fetchall()[0][0]
     since = (last - IN_FLIGHT_MARGIN) if last is not None else datetime.min.replace(tzinfo=UTC)
     con.execute(
         f"""
@@ -38,7 +38,7 @@ def rollup(con: DuckDBPyConnection, grain: Grain, now: datetime | None = None) -
         """,
         [since],
     )
-    buckets = con.execute("SELECT count(*) FROM _touched").fetchone()[0]  # type: ignore[index]
+    buckets = con.execute("SELECT count(*) FROM _touched").fetchall()[0][0]
     con.execute(f"DELETE FROM {table} WHERE bucket_start IN (SELECT bucket_start FROM _touched)")
     con.execute(
         f"""
@@ -60,7 +60,7 @@ def rollup(con: DuckDBPyConnection, grain: Grain, now: datetime | None = None) -
         [now],
     )
     con.execute("DROP TABLE _touched")
-    rows, jobs = con.execute(f"SELECT count(*), coalesce(sum(jobs), 0) FROM {table}").fetchone()  # type: ignore[misc]
+    rows, jobs = con.execute(f"SELECT count(*), coalesce(sum(jobs), 0) FROM {table}").fetchall()[0]
     return {"buckets_recomputed": int(buckets), "rows": int(rows), "jobs": int(jobs)}
 
 
@@ -153,9 +153,9 @@ def _consistency(grain: Grain, duckdb: DuckDBStore) -> dg.AssetCheckResult:
     unordered = f"SELECT * FROM {table} WHERE p50_duration_s > p95_duration_s"
     with duckdb.get().transaction() as con:
         con.execute("SET TimeZone = 'UTC'")
-        n_bad = con.execute(f"SELECT count(*) FROM ({mismatched})").fetchone()[0]  # type: ignore[index]
-        n_unordered = con.execute(f"SELECT count(*) FROM ({unordered})").fetchone()[0]  # type: ignore[index]
-        buckets = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+        n_bad = con.execute(f"SELECT count(*) FROM ({mismatched})").fetchone()[0]
+        n_unordered = con.execute(f"SELECT count(*) FROM ({unordered})").fetchone()[0]
+        buckets = con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
         sample = con.execute(mismatched).fetchmany(3)
     ok = n_bad == 0 and n_unordered == 0
     return dg.AssetCheckResult(

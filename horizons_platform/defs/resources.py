@@ -1,4 +1,3 @@
-
 """Resources every Horizons asset, check, job and sensor gets injected.
 
 Three of them, so a run's config page shows what it talks to:
@@ -38,7 +37,7 @@ class HorizonsSettings(dg.ConfigurableResource):
 
     def get(self) -> Settings:
         values = {k: json.loads(v) if k in DICT_FIELDS else v for k, v in self.overrides.items()}
-        return Settings(**values)  # type: ignore[arg-type]
+        return Settings(**values)  # type: ignore[arg-type]  # text: pydantic parses it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "HorizonsSettings":

@@ -73,7 +73,7 @@ class Probe:
     settings: Settings
 
     def count(self, sql: str, params: list[Any] | None = None) -> int:
-        return int(self.store.scalar(sql, params) or 0)  # type: ignore[call-overload]
+        return int(self.store.scalar(sql, params) or 0)
 
     def behind(self, ends: dict[tuple[str, int], int]) -> dict[str, int]:
         """Per consumer group, messages it has not yet stored offsets for, up to ``ends``.
@@ -370,10 +370,10 @@ def validate_latency(
     with probe.store.reader() as con:
         p99, worst, n = con.execute(
             _percentile_sql(lat, "job_events", "job_id LIKE ?"), like
-        ).fetchone()  # type: ignore[misc]
+        ).fetchone()
         a99, aworst, an = con.execute(
             _percentile_sql(audit_lat, "audit_log", "job_id LIKE ?"), like
-        ).fetchone()  # type: ignore[misc]
+        ).fetchone()
         n99, nworst, nn = con.execute(
             _percentile_sql(
                 note_lat,
@@ -381,7 +381,7 @@ def validate_latency(
                 "n.job_id LIKE ?",
             ),
             like,
-        ).fetchone()  # type: ignore[misc]
+        ).fetchone()
     result = {
         "events": float(sent),
         "p99_metrics_s": round(p99, 4),

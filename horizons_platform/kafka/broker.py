@@ -164,17 +164,6 @@ def _require_maven(cache: Path) -> str:
     return mvn
 
 
-def check_prerequisites(*, maven: bool = False) -> None:
-    """Raise BrokerError unless Java 17+ (and, with ``maven=True``, Maven) is usable.
-
-    Maven is only needed while the jar cache is empty, so ``ensure_jars`` checks it
-    lazily rather than every caller demanding it.
-    """
-    _require_java()
-    if maven:
-        _require_maven(Settings().kafka_cache_dir)
-
-
 # --- small helpers -------------------------------------------------------------------
 
 

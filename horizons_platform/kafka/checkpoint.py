@@ -14,9 +14,8 @@ from typing import Any
 
 import duckdb
 
-from horizons_platform.events import EventDecodeError
-from horizons_platform.services.audit import safe_text
-from horizons_platform.services.base import Batch, Handler, Tables, now
+from horizons_platform.events import EventDecodeError, safe_text
+from horizons_platform.kafka.records import Batch, Handler, Tables, now
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreBase, StoreUnavailable, is_conflict
 from horizons_platform.tracing import trace_id_of

@@ -27,8 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from horizons_platform.kafka import offsets
 from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter, StoreFailed, is_store_failure
 from horizons_platform.kafka.producer import Publisher
-from horizons_platform.services import health_rules
-from horizons_platform.services.base import Batch, Handler, Tables, now
+from horizons_platform.kafka.records import Batch, Handler, Tables, now
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreBase
@@ -37,6 +36,10 @@ if TYPE_CHECKING:
     from horizons_platform.runtime.prometheus import HostMetrics
 
 log = logging.getLogger(__name__)
+
+# Records a breach as an alert (health_alerts and the publication outbox); the host
+# wires it: (rule, subject, value, threshold, severity, message).
+AlertSink = Callable[[str, str, float, float, str, str], object]
 
 EXIT_OK = 0
 EXIT_BROKER_LOST = 3
@@ -61,7 +64,7 @@ class ConsumerLoop:
         publisher: Publisher | None = None,
         stop_event: threading.Event | None = None,
         client_id: str | None = None,
-        raise_alerts: Callable[[list[health_rules.Evaluation]], object] | None = None,
+        raise_alerts: AlertSink | None = None,
         metrics: HostMetrics | None = None,
     ) -> None:
         self.handler = handler
@@ -265,9 +268,7 @@ class ConsumerLoop:
         if not verdict.ok:
             self.refused = "\n  ".join(verdict.refused)
             log.error("%s: stopping: stored offsets refused:\n  %s", self.group, self.refused)
-            self._alert(
-                health_rules.OFFSETS_INVALID, self.group, 1.0, 0.0, "critical", self.refused
-            )
+            self._alert(offsets.OFFSETS_INVALID, self.group, 1.0, 0.0, "critical", self.refused)
             return None
         for loss in verdict.lost:
             message = (
@@ -277,7 +278,7 @@ class ConsumerLoop:
             )
             log.error("%s", message)
             subject = f"{self.group} {loss.topic}[{loss.partition}]@{loss.stored}"
-            self._alert(health_rules.MESSAGES_LOST, subject, loss.count, 0.0, "critical", message)
+            self._alert(offsets.MESSAGES_LOST, subject, loss.count, 0.0, "critical", message)
         self.checkpoint.cluster_id = cluster_id
         # A partition seen for the first time starts at its low watermark, and says so in
         # the store: messages Kafka deletes there before the group reads them are then
@@ -318,9 +319,7 @@ class ConsumerLoop:
         if self.raise_alerts is None:
             return
         try:
-            self.raise_alerts(
-                [health_rules.Evaluation(rule, subject, value, threshold, severity, True, text)]
-            )
+            self.raise_alerts(rule, subject, value, threshold, severity, text)
         except Exception:
             log.exception("%s: could not record the alert (%s)", self.group, text)
 
@@ -359,7 +358,8 @@ class ConsumerLoop:
             except KafkaException:
                 self._probe_delay = min(self._probe_delay * 2, 5.0)
                 self._next_probe = time.monotonic() + self._probe_delay
-        if time.monotonic() - self._broker_down_since > self.settings.broker_grace_s:
+        down_since = self._broker_down_since
+        if down_since is not None and time.monotonic() - down_since > self.settings.broker_grace_s:
             log.error(
                 "%s: broker unreachable for more than %.0fs; shutting down",
                 self.group,

@@ -28,6 +28,11 @@ from horizons_platform.kafka.admin import watermarks
 
 TP = tuple[str, int]
 
+# The alerts a group raises when it checks its offsets (health rules of their own: events,
+# not measurements, so no monitor evaluation resolves them).
+OFFSETS_INVALID = "offsets_invalid"
+MESSAGES_LOST = "messages_lost"
+
 
 @dataclass(frozen=True)
 class Loss:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, Message, Producer
@@ -71,21 +72,25 @@ class Publisher:
         result = outcome[0]
         if isinstance(result, KafkaError):
             raise DeliveryError(f"delivery to {topic} failed: {result.str()}")
-        return Delivery(result.topic(), result.partition(), result.offset())
+        return Delivery(result.topic() or topic, result.partition() or 0, result.offset() or 0)
 
     def send_async(
         self,
         topic: str,
-        value: bytes,
+        value: bytes | None,
         *,
         key: str | bytes | None,
         headers: Headers | None = None,
-        on_delivery: object = None,
+        on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
         while True:
             try:
                 self._producer.produce(
-                    topic, value=value, key=key, headers=headers, on_delivery=on_delivery
+                    topic,
+                    value=value,
+                    key=key,
+                    headers=headers,  # type: ignore[arg-type]  # the stub's list is invariant
+                    on_delivery=on_delivery,
                 )
                 return
             except BufferError:

@@ -24,9 +24,9 @@ def _confirm(question: str, yes: bool) -> bool:
 
 
 def _table(columns: list[str], rows: list[list[Any]]) -> None:
-    from horizons_platform.cli import _print_table
+    from horizons_platform.output import print_table
 
-    _print_table(columns, rows, limit=10_000)
+    print_table(columns, rows, limit=10_000)
 
 
 # --- offsets ------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
                 letters,
                 value=value,
                 force=args.force,
-                on_letter=update,
+                on_letter=lambda n: update(n, None),
             )
     except dlq.DlqError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -198,7 +198,7 @@ def _show(letter: Any) -> None:
 # --- the parsers --------------------------------------------------------------------------
 
 
-def add_operations_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_operations_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "offsets",
         help="show or reset the offsets a group resumes from",

@@ -211,7 +211,7 @@ def apply_reset(
         publisher,
         [
             health_rules.Evaluation(
-                health_rules.OFFSETS_INVALID,
+                offsets.OFFSETS_INVALID,
                 plan.group,
                 0.0,
                 0.0,

@@ -100,12 +100,12 @@ def lag_signal_rows(snap: rules.Snapshot, lags: list[PartitionLag]) -> list[dict
         }
 
     out = [row(None, None, None, "broker_reachable", 1.0 if snap.broker_reachable else 0.0)]
-    for group, lag in snap.lag_messages.items():
-        out.append(row(group, None, None, "lag_messages", lag))
+    for group, messages in snap.lag_messages.items():
+        out.append(row(group, None, None, "lag_messages", messages))
         out.append(row(group, None, None, "lag_seconds", snap.lag_seconds.get(group, 0.0)))
-    for lag in lags:
-        if lag.lag:
-            out.append(row(lag.group, lag.topic, lag.partition, "lag_messages", lag.lag))
+    for p in lags:
+        if p.lag:
+            out.append(row(p.group, p.topic, p.partition, "lag_messages", p.lag))
     return out
 
 

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from horizons_platform import events as ev
-from horizons_platform.services.base import Batch, Columns, Handler, Tables, now
+from horizons_platform.events import safe_text
+from horizons_platform.kafka.records import Batch, Columns, Handler, Tables, now
 from horizons_platform.services.signing import HEAD_ACTION, HEAD_KEY, sign_head
 from horizons_platform.store import tables
 from horizons_platform.tracing import trace_id_of
@@ -322,11 +323,6 @@ def audit_columns(batch: Batch, recorded_at: datetime) -> Columns:
     }
 
 
-def safe_text(value: object, limit: int = 1000) -> str:
-    """Text that any UTF-8 store accepts: JSON may carry lone surrogates (\\ud800)."""
-    return str(value)[:limit].encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _best_effort_fields(raw: bytes | None) -> dict[str, str]:
     """Identifying fields of an invalid event, when its JSON is readable at all."""
     try:
@@ -463,7 +459,7 @@ class AuditHandler(Handler):
         """Sign (seq, hash) into ``audit_heads`` and the publication outbox (for the
         ``audit-trail`` topic: Kafka as the witness), in the batch's transaction."""
         if self._signer is None:
-            from horizons_platform.runtime.keys import load_or_create_private
+            from horizons_platform.services.keys import load_or_create_private
 
             self._signer = load_or_create_private(self.settings)
         head = sign_head(self._signer, seq, digest or GENESIS)

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 
-from horizons_platform.runtime.keys import load_or_create_private, load_public
 from horizons_platform.services.audit_verify import TrailReport, verify_trail
+from horizons_platform.services.keys import load_or_create_private, load_public
 from horizons_platform.services.signing import key_id, public_pem, sign_checkpoint
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
@@ -149,8 +149,8 @@ def build_report(
                min(occurred_at), max(occurred_at)
         FROM audit_log
         """
-    ).fetchone()  # type: ignore[misc]
-    last_run = con.execute("SELECT max(created_at) FROM audit_checkpoints").fetchone()[0]  # type: ignore[index]
+    ).fetchall()[0]
+    last_run = con.execute("SELECT max(created_at) FROM audit_checkpoints").fetchall()[0][0]
     public = load_public(settings)
     chain = chain or verify_trail(con, public)
     policy = retention_by_table(con, settings, now)
@@ -234,7 +234,7 @@ def save_report(con: duckdb.DuckDBPyConnection, report: dict[str, Any]) -> None:
 def generate_report(store: StoreBase) -> dict[str, Any]:
     """Verify the trail (incrementally, with Kafka as the witness), build the report from
     one read-only snapshot, then save it in a short transaction."""
-    from horizons_platform.runtime.audit_check import check_trail
+    from horizons_platform.services.audit_check import check_trail
 
     chain = check_trail(store, store.settings)
     with store.snapshot() as con:

@@ -12,7 +12,8 @@ from horizons_platform.events import (
     CONSUMER_STOPPED,
     JOB_FAILED,
 )
-from horizons_platform.services.base import Batch, Handler, Tables, now, rows_to_columns
+from horizons_platform.kafka.records import Batch, Handler, Tables, now
+from horizons_platform.services.base import rows_to_columns
 
 _SIGNALS = {
     JOB_FAILED: "job_failed",

@@ -19,10 +19,8 @@ BROKER_UNREACHABLE = "broker_unreachable"
 JOB_FAILURES = "job_failures"
 # Notifications failed for good, or claimed and never finished (a stuck sender).
 NOTIFICATIONS_UNDELIVERED = "notifications_undelivered"
-# Raised by a consumer group when it checks its stored offsets against the cluster
-# (kafka/offsets.py): events, not measurements, so no monitor evaluation resolves them.
-OFFSETS_INVALID = "offsets_invalid"
-MESSAGES_LOST = "messages_lost"
+# (A consumer group raises two rules of its own when it checks its stored offsets against
+# the cluster: kafka/offsets.py, OFFSETS_INVALID and MESSAGES_LOST.)
 
 LAG_RULES = (CONSUMER_LAG_MESSAGES, CONSUMER_LAG_SECONDS)
 ERROR_RULES = (HANDLER_ERROR_RATE, DEAD_LETTER_RATE, JOB_FAILURES, NOTIFICATIONS_UNDELIVERED)

@@ -18,19 +18,10 @@ from horizons_platform.events import (
     TERMINAL_TYPES,
     EventDict,
 )
-from horizons_platform.services.base import (
-    Batch,
-    Columns,
-    Handler,
-    Tables,
-    job_event_columns,
-    now,
-    rows_to_columns,
-)
+from horizons_platform.kafka.records import Batch, Columns, Handler, Tables, now
+from horizons_platform.services.base import job_event_columns, rows_to_columns
 from horizons_platform.store.tables import fold_job_updates
 from horizons_platform.tracing import trace_id_of
-
-_STATUS = JOB_STATUS_OF
 
 
 @dataclass(frozen=True)
@@ -97,7 +88,7 @@ def job_update(event: EventDict, updated_at: datetime) -> dict[str, Any]:
     occurred = event["occurred_at"]
     return {
         "job_id": event["job_id"],
-        "status": _STATUS[kind],
+        "status": JOB_STATUS_OF[kind],
         "owner": p.get("owner"),
         "job_type": p.get("job_type"),
         "submitted_at": occurred if kind == JOB_SUBMITTED else None,
@@ -142,11 +133,13 @@ class MetricsHandler(Handler):
         stamp = now()
         known = [i for i, e in enumerate(batch.events) if e is not None]
         for i in known:
-            kind = batch.events[i]["event_type"]  # type: ignore[index]
-            if kind not in _STATUS and kind != JOB_METRICS:
+            event = batch.events[i]
+            assert event is not None  # ``known`` holds the valid ones only
+            kind = event["event_type"]
+            if kind not in JOB_STATUS_OF and kind != JOB_METRICS:
                 raise ValueError(f"metrics service cannot handle {kind!r} on {batch.topics[i]}")
         out: Tables = {"job_events": job_event_columns(batch, known, stamp)}
-        lifecycle = [e for e in batch.events if e is not None and e["event_type"] in _STATUS]
+        lifecycle = [e for e in batch.events if e is not None and e["event_type"] in JOB_STATUS_OF]
         if lifecycle:
             folded = fold_job_updates([job_update(e, stamp) for e in lifecycle])
             out["jobs"] = rows_to_columns(folded)

@@ -17,7 +17,8 @@ from horizons_platform.events import (
     JOB_SUBMITTED,
     EventDict,
 )
-from horizons_platform.services.base import Batch, Handler, Tables, now, rows_to_columns
+from horizons_platform.kafka.records import Batch, Handler, Tables, now
+from horizons_platform.services.base import rows_to_columns
 from horizons_platform.tracing import trace_id_of
 
 _NAMESPACE = uuid.UUID("6f1c3f0e-6d38-4c8e-9a55-8c1e6f3a2b10")

@@ -23,13 +23,7 @@ from horizons_platform.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SUBMITTED, RUNNING, COMPLETED, FAILED, CANCELLED = (
-    "submitted",
-    "running",
-    "completed",
-    "failed",
-    "cancelled",
-)
+SUBMITTED, RUNNING, COMPLETED, FAILED, CANCELLED = (ev.JOB_STATUS_OF[t] for t in ev.LIFECYCLE_TYPES)
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 # event type → (states it may follow, state it leads to); None = job unknown.
 TRANSITIONS: dict[str, tuple[frozenset[str | None], str]] = {
@@ -123,10 +117,11 @@ class JobOrchestratorService:
             seen = 0
             while ends and time.monotonic() < deadline:
                 for msg in consumer.consume(1000, timeout=0.5):
-                    if msg.error():
+                    partition, offset = msg.partition(), msg.offset()
+                    if msg.error() or partition is None or offset is None:
                         continue
-                    if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                        ends.pop(msg.partition(), None)
+                    if offset + 1 >= ends.get(partition, 0):
+                        ends.pop(partition, None)
                     try:
                         event = ev.decode(msg.value())
                     except ev.EventDecodeError:

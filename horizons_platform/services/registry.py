@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from horizons_platform.kafka.records import Handler
 from horizons_platform.services.audit import AuditHandler
-from horizons_platform.services.base import Handler
 from horizons_platform.services.health import HealthHandler
 from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.services.notifications import NotificationHandler

@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 
 from horizons_platform.defs import compliance, ingest
-from horizons_platform.runtime.audit_check import check_trail
+from horizons_platform.services.audit_check import check_trail
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
 from horizons_platform_tests.dagster.conftest import (

@@ -13,7 +13,7 @@ from horizons_platform import events as ev
 from horizons_platform.defs import compliance
 from horizons_platform.host import Host
 from horizons_platform.kafka.producer import Publisher
-from horizons_platform.runtime.audit_check import check_trail
+from horizons_platform.services.audit_check import check_trail
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store

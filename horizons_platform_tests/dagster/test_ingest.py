@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import dagster as dg
 
-from horizons_platform.defs.ingest import FED_TABLES, materialization_reporter
 from horizons_platform.host import Host
+from horizons_platform.runtime.materializations import FED_TABLES, materialization_reporter
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store

@@ -9,7 +9,7 @@ from horizons_platform.bench.faults import broker
 from horizons_platform.bench.harness import BenchContext
 from horizons_platform.bench.smtp import SmtpSink
 
-pytestmark = pytest.mark.slow  # TODO: a dedicated `faults` marker (registration pending)
+pytestmark = pytest.mark.faults  # minutes each: CI (./dev test --all), not the default run
 
 LIBRDKAFKA_5040 = (
     "core: the consumer host died of SIGSEGV in librdkafka's admin ListConsumerGroupOffsets "

@@ -16,7 +16,7 @@ from horizons_platform.bench.harness import BenchContext
 from horizons_platform.bench.smtp import SmtpSink
 from horizons_platform_tests.faults.strategies import payloads
 
-pytestmark = pytest.mark.slow  # TODO: a dedicated `faults` marker (registration pending)
+pytestmark = pytest.mark.faults  # minutes each: CI (./dev test --all), not the default run
 
 
 def _judge(outcome: FaultOutcome) -> None:

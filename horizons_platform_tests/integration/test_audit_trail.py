@@ -16,9 +16,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from horizons_platform.host import Host
 from horizons_platform.kafka.producer import Publisher
-from horizons_platform.runtime.audit_check import check_trail
 from horizons_platform.runtime.publications import publish
 from horizons_platform.services import audit
+from horizons_platform.services.audit_check import check_trail
 from horizons_platform.services.compliance import build_report, generate_report, run_retention
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.signing import key_id, public_pem, sign_checkpoint

@@ -15,7 +15,7 @@ from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.kafka.consumer import EXIT_BROKER_LOST, ConsumerLoop
 from horizons_platform.kafka.producer import Publisher
-from horizons_platform.services.base import Batch, Tables
+from horizons_platform.kafka.records import Batch, Tables
 from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import SERVICE_GROUPS, Settings

@@ -22,8 +22,8 @@ from cryptography.x509.oid import NameOID
 from horizons_platform import events as ev
 from horizons_platform.host import Host
 from horizons_platform.kafka.producer import Publisher
+from horizons_platform.kafka.records import Batch
 from horizons_platform.runtime.outbox import OutboxDispatcher
-from horizons_platform.services.base import Batch
 from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings

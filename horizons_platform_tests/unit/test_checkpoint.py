@@ -12,15 +12,9 @@ import pytest
 
 from horizons_platform import events as ev
 from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter
+from horizons_platform.kafka.records import Batch, Handler, Tables, Verdicts, now
 from horizons_platform.services.audit import AuditHandler, verify_store
-from horizons_platform.services.base import (
-    Batch,
-    Handler,
-    Tables,
-    Verdicts,
-    now,
-    rows_to_columns,
-)
+from horizons_platform.services.base import rows_to_columns
 from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables

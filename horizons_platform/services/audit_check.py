@@ -14,8 +14,8 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from horizons_platform.kafka.admin import watermarks
-from horizons_platform.runtime.keys import load_public
 from horizons_platform.services.audit_verify import TrailReport, record_verification, verify_trail
+from horizons_platform.services.keys import load_public
 from horizons_platform.services.signing import HEAD_ACTION, HEAD_KEY, SignedHead
 from horizons_platform.settings import Settings
 from horizons_platform.store.base import StoreBase
@@ -50,14 +50,15 @@ def newest_published_head(settings: Settings, timeout: float = 10.0) -> SignedHe
         best: SignedHead | None = None
         while ends and time.monotonic() < deadline:
             for msg in consumer.consume(500, timeout=0.2):
-                if msg.error():
+                partition, offset = msg.partition(), msg.offset()
+                if msg.error() or partition is None or offset is None:
                     continue
-                if msg.offset() + 1 >= ends.get(msg.partition(), 0):
-                    ends.pop(msg.partition(), None)
+                if offset + 1 >= ends.get(partition, 0):
+                    ends.pop(partition, None)
                 if msg.key() != HEAD_KEY:
                     continue
                 try:
-                    payload = json.loads(msg.value())["payload"]
+                    payload = json.loads(msg.value() or b"null")["payload"]
                     if payload["action"] != HEAD_ACTION:
                         continue
                     head = SignedHead.from_json(payload["details"])

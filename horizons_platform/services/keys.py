@@ -48,9 +48,10 @@ def load_or_create_private(settings: Settings) -> Ed25519PrivateKey:
             f"{path} is readable by other users (mode {path.stat().st_mode & 0o777:o}): "
             f"chmod 600 {path}"
         )
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(loaded, Ed25519PrivateKey):
         raise SigningKeyError(f"{path} does not hold an Ed25519 private key")
+    key = loaded
     pub = _public_path(path)
     if not pub.exists():
         pub.write_text(public_pem(key.public_key()))
