@@ -399,7 +399,7 @@ def _add_later_commands(sub: argparse._SubParsersAction) -> None:
     else:
         add_up_command(sub)
     try:
-        from horizons_platform.bench.cli import add_bench_command
+        from horizons_bench.cli import add_bench_command
     except ImportError:
         pass
     else:

@@ -4,7 +4,6 @@ topics. No mocks here — everything talks to real servers on 127.0.0.1."""
 from __future__ import annotations
 
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -26,14 +25,9 @@ from confluent_kafka import Consumer, TopicPartition
 
 from horizons_platform.kafka.admin import watermarks
 from horizons_platform.settings import Settings
+from horizons_platform.store.owner import free_port  # the tests' too
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(

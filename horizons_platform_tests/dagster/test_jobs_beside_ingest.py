@@ -12,7 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from horizons_platform.bench.offsets import OffsetProbe
+from horizons_bench.offsets import OffsetProbe
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import Settings

@@ -1,6 +1,6 @@
 """Fixtures for the fault-injection suite: a benchmark context on the session broker.
 
-The scenarios themselves live in :mod:`horizons_platform.bench.faults` (the same code
+The scenarios themselves live in :mod:`horizons_bench.faults` (the same code
 `horizons bench faults` runs at full size); here they run small enough for CI. Every
 consumer host is a real `horizons consume` subprocess; the broker-restart scenario
 starts a private broker of its own, so the session broker is never stopped.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from horizons_platform.bench.harness import BenchContext, Progress
-from horizons_platform.bench.smtp import SmtpSink
+from horizons_bench.harness import BenchContext, Progress
+from horizons_bench.smtp import SmtpSink
 from horizons_platform.settings import Settings
 
 

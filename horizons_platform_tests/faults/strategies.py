@@ -7,7 +7,7 @@ import random
 
 from hypothesis import strategies as st
 
-from horizons_platform.bench.faults import poison
+from horizons_bench.faults import poison
 
 ENVELOPE_KEYS = ("event_id", "event_type", "job_id", "occurred_at", "producer", "payload")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from horizons_platform.bench.faults import broker
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.smtp import SmtpSink
+from horizons_bench.faults import broker
+from horizons_bench.harness import BenchContext
+from horizons_bench.smtp import SmtpSink
 
 pytestmark = pytest.mark.faults  # minutes each: CI (./dev test --all), not the default run
 

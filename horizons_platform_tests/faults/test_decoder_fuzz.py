@@ -8,8 +8,8 @@ import pyarrow as pa
 import pytest
 from hypothesis import given
 
+from horizons_bench.faults import poison
 from horizons_platform import events as ev
-from horizons_platform.bench.faults import poison
 from horizons_platform.kafka.records import Batch, now
 from horizons_platform.services.audit import _AUDIT_SCHEMA, audit_columns, chain_columns
 from horizons_platform_tests.faults.strategies import broken_events, payloads

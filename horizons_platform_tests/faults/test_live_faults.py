@@ -10,10 +10,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from horizons_platform.bench.faults import dblock, kills, poison, smtp_down
-from horizons_platform.bench.faults.common import FaultOutcome
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.smtp import SmtpSink
+from horizons_bench.faults import dblock, kills, poison, smtp_down
+from horizons_bench.faults.common import FaultOutcome
+from horizons_bench.harness import BenchContext
+from horizons_bench.smtp import SmtpSink
 from horizons_platform_tests.faults.strategies import payloads
 
 pytestmark = pytest.mark.faults  # minutes each: CI (./dev test --all), not the default run

@@ -14,12 +14,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from horizons_platform.kafka.broker import BrokerError, EmbeddedBroker
 from horizons_platform.settings import Settings
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from horizons_platform_tests.support import free_port
 
 
 def make_broker(tmp_path: Path, **overrides: object) -> EmbeddedBroker:

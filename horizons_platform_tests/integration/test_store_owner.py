@@ -19,7 +19,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from horizons_platform.bench.offsets import OffsetProbe
+from horizons_bench.offsets import OffsetProbe
 from horizons_platform.services.audit import verify_store
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.registry import group_topics

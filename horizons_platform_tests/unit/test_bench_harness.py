@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from horizons_platform.bench.harness import settings_env
-from horizons_platform.bench.memory import processed, rss_level
-from horizons_platform.bench.offsets import GroupState
-from horizons_platform.bench.report import BenchResult, Figure, Target
-from horizons_platform.bench.runner import Sample, Timeline
-from horizons_platform.bench.stats import growth_pct, percentile, summary_ms
-from horizons_platform.bench.verify import TableCount
+from horizons_bench.harness import settings_env
+from horizons_bench.memory import processed, rss_level
+from horizons_bench.offsets import GroupState
+from horizons_bench.report import BenchResult, Figure, Target
+from horizons_bench.runner import Sample, Timeline
+from horizons_bench.stats import growth_pct, percentile, summary_ms
+from horizons_bench.verify import TableCount
 from horizons_platform.settings import Settings
 
 

@@ -12,7 +12,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "horizons_platform"
 # Bottom to top: pure domain and configuration → the store → Kafka clients and the one
 # consumer loop → the services' pure handlers and their logic → the services' I/O → the
-# host and the operator's actions → Dagster → the command line and the benchmarks.
+# host and the operator's actions → Dagster → the command line. (The benchmarks are a
+# sibling package, horizons_bench, that may use all of it.)
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("settings", "events", "tracing", "logs", "progress", "event_schemas", "output"),
     ("store",),
@@ -21,7 +22,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("runtime",),
     ("host", "operations", "simulate", "launcher"),
     ("defs", "definitions"),
-    ("cli", "bench"),
+    ("cli",),
 )
 
 

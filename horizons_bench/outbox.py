@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from horizons_platform.bench.harness import HOST, BenchContext, free_port, wait_until
-from horizons_platform.bench.report import BenchResult, Figure, Target
+from horizons_bench.harness import HOST, BenchContext, free_port, wait_until
+from horizons_bench.report import BenchResult, Figure, Target
 from horizons_platform.runtime.outbox import OutboxDispatcher
 from horizons_platform.services.notifications import message_id, notification_id
 from horizons_platform.store.owner import StoreOwner

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from horizons_platform.bench.faults import broker, dblock, poison, smtp_down
-from horizons_platform.bench.faults import kills as kill_loop
-from horizons_platform.bench.faults.common import FaultOutcome
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.report import BenchResult, Figure, Target
-from horizons_platform.bench.smtp import SmtpSink
+from horizons_bench.faults import broker, dblock, poison, smtp_down
+from horizons_bench.faults import kills as kill_loop
+from horizons_bench.faults.common import FaultOutcome
+from horizons_bench.harness import BenchContext
+from horizons_bench.report import BenchResult, Figure, Target
+from horizons_bench.smtp import SmtpSink
 
 SCENARIOS = ("kills", "broker", "dblock", "smtp", "fuzz", "hostile", "oversized")
 ZERO = Target("eq", 0)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import random
 import time
 
-from horizons_platform.bench.faults.common import Check, FaultOutcome, FaultRun
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.bench.stats import summary_ms
+from horizons_bench.faults.common import Check, FaultOutcome, FaultRun
+from horizons_bench.harness import BenchContext
+from horizons_bench.smtp import SmtpSink
+from horizons_bench.stats import summary_ms
 
 
 def run(

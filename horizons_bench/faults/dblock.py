@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import time
 
-from horizons_platform.bench.faults.common import Check, FaultOutcome, FaultRun
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.runner import all_caught_up, watch
-from horizons_platform.bench.smtp import SmtpSink
+from horizons_bench.faults.common import Check, FaultOutcome, FaultRun
+from horizons_bench.harness import BenchContext
+from horizons_bench.runner import all_caught_up, watch
+from horizons_bench.smtp import SmtpSink
 from horizons_platform.store.client import Store
 
 COUNT = "SELECT count(*) FROM audit_log"

@@ -14,8 +14,8 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.report import BenchResult, Figure, Target
+from horizons_bench.harness import BenchContext
+from horizons_bench.report import BenchResult, Figure, Target
 from horizons_platform.kafka.records import Batch
 from horizons_platform.services.audit import AuditHandler, audit_columns
 from horizons_platform.services.audit_check import check_trail

@@ -16,13 +16,13 @@ import threading
 import time
 from itertools import pairwise
 
-from horizons_platform.bench.harness import BenchContext, settings_env, wait_until
-from horizons_platform.bench.hostproc import HostProcess
-from horizons_platform.bench.latency import CommitWatcher
-from horizons_platform.bench.offsets import OffsetProbe
-from horizons_platform.bench.report import BenchResult, Figure, Target
-from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.bench.workload import Ledger, LedgerPublisher, produce_jobs
+from horizons_bench.harness import BenchContext, settings_env, wait_until
+from horizons_bench.hostproc import HostProcess
+from horizons_bench.latency import CommitWatcher
+from horizons_bench.offsets import OffsetProbe
+from horizons_bench.report import BenchResult, Figure, Target
+from horizons_bench.smtp import SmtpSink
+from horizons_bench.workload import Ledger, LedgerPublisher, produce_jobs
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS
 

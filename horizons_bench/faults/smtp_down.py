@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from horizons_platform.bench.faults.common import Check, FaultOutcome, FaultRun
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.smtp import SmtpSink
+from horizons_bench.faults.common import Check, FaultOutcome, FaultRun
+from horizons_bench.harness import BenchContext
+from horizons_bench.smtp import SmtpSink
 
 
 def run(

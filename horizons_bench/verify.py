@@ -8,8 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from horizons_platform.bench.offsets import TP
-from horizons_platform.bench.workload import Ledger
+from horizons_bench.offsets import TP
+from horizons_bench.workload import Ledger
 from horizons_platform.services.audit import verify_store
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import Settings

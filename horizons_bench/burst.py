@@ -16,16 +16,16 @@ from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from horizons_bench import references
+from horizons_bench.harness import BenchContext
+from horizons_bench.hostproc import HostProcess
+from horizons_bench.offsets import OffsetProbe
+from horizons_bench.report import BenchResult, Figure
+from horizons_bench.runner import Sample, Timeline, all_caught_up, watch
+from horizons_bench.smtp import SmtpSink
+from horizons_bench.verify import verify
+from horizons_bench.workload import Ledger, LedgerPublisher, produce_jobs
 from horizons_platform import events as ev
-from horizons_platform.bench import references
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.hostproc import HostProcess
-from horizons_platform.bench.offsets import OffsetProbe
-from horizons_platform.bench.report import BenchResult, Figure
-from horizons_platform.bench.runner import Sample, Timeline, all_caught_up, watch
-from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.bench.verify import verify
-from horizons_platform.bench.workload import Ledger, LedgerPublisher, produce_jobs
 from horizons_platform.services.health_rules import LAG_RULES
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS, Settings

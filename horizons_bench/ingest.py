@@ -12,15 +12,15 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from horizons_platform.bench import references
-from horizons_platform.bench.harness import BenchContext, derive
-from horizons_platform.bench.hostproc import HostProcess
-from horizons_platform.bench.offsets import TP, OffsetProbe
-from horizons_platform.bench.report import BenchResult, Figure, Target
-from horizons_platform.bench.runner import Timeline, all_caught_up, watch
-from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.bench.verify import Verification, verify
-from horizons_platform.bench.workload import Ledger, bulk_publisher, produce_jobs
+from horizons_bench import references
+from horizons_bench.harness import BenchContext, derive
+from horizons_bench.hostproc import HostProcess
+from horizons_bench.offsets import TP, OffsetProbe
+from horizons_bench.report import BenchResult, Figure, Target
+from horizons_bench.runner import Timeline, all_caught_up, watch
+from horizons_bench.smtp import SmtpSink
+from horizons_bench.verify import Verification, verify
+from horizons_bench.workload import Ledger, bulk_publisher, produce_jobs
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 

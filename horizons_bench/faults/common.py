@@ -11,13 +11,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.hostproc import HostExited, HostProcess
-from horizons_platform.bench.offsets import OffsetProbe
-from horizons_platform.bench.runner import all_caught_up, watch
-from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.bench.verify import Verification, verify
-from horizons_platform.bench.workload import Ledger, LedgerPublisher, produce_jobs
+from horizons_bench.harness import BenchContext
+from horizons_bench.hostproc import HostExited, HostProcess
+from horizons_bench.offsets import OffsetProbe
+from horizons_bench.runner import all_caught_up, watch
+from horizons_bench.smtp import SmtpSink
+from horizons_bench.verify import Verification, verify
+from horizons_bench.workload import Ledger, LedgerPublisher, produce_jobs
 from horizons_platform.kafka.producer import DeliveryError
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 
 if TYPE_CHECKING:
-    from horizons_platform.bench.harness import Progress
+    from horizons_bench.harness import Progress
 
-# Benchmark (= module of horizons_platform.bench, imported only when run) → one-line help.
+# Benchmark (= module of horizons_bench, imported only when run) → one-line help.
 BENCHMARKS: dict[str, str] = {
     "ingest": "throughput produced → committed in DuckDB, per service and all four",
     "latency": "p50/p95/p99 produce → stored at a steady rate, and job → e-mail",
@@ -160,7 +160,7 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from horizons_platform.bench.harness import Progress, broker_for
+    from horizons_bench.harness import Progress, broker_for
 
     settings = Settings()
     progress = Progress(quiet=args.quiet)
@@ -176,9 +176,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _run_one(
     name: str, kwargs: dict[str, Any], settings: Settings, progress: Progress, keep: bool
 ) -> bool:
-    from horizons_platform.bench.harness import bench_context
+    from horizons_bench.harness import bench_context
 
-    module = importlib.import_module(f"horizons_platform.bench.{name}")
+    module = importlib.import_module(f"horizons_bench.{name}")
     run: Callable[..., Any] = module.run
     started = time.monotonic()
     progress.say(f"bench {name}: {kwargs}")

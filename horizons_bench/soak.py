@@ -12,16 +12,16 @@ import threading
 import time
 from pathlib import Path
 
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.hostproc import HostProcess
-from horizons_platform.bench.memory import mib
-from horizons_platform.bench.offsets import OffsetProbe
-from horizons_platform.bench.report import BenchResult, Figure, Target
-from horizons_platform.bench.runner import Sample, all_caught_up, watch
-from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.bench.stats import growth_pct
-from horizons_platform.bench.verify import verify
-from horizons_platform.bench.workload import Ledger, LedgerPublisher, produce_jobs
+from horizons_bench.harness import BenchContext
+from horizons_bench.hostproc import HostProcess
+from horizons_bench.memory import mib
+from horizons_bench.offsets import OffsetProbe
+from horizons_bench.report import BenchResult, Figure, Target
+from horizons_bench.runner import Sample, all_caught_up, watch
+from horizons_bench.smtp import SmtpSink
+from horizons_bench.stats import growth_pct
+from horizons_bench.verify import verify
+from horizons_bench.workload import Ledger, LedgerPublisher, produce_jobs
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS
 

@@ -8,16 +8,16 @@ The run stops after ``--max-minutes`` even if the backlog is not drained, and sa
 
 from __future__ import annotations
 
-from horizons_platform.bench import references
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.hostproc import HostProcess
-from horizons_platform.bench.ingest import produce
-from horizons_platform.bench.offsets import OffsetProbe
-from horizons_platform.bench.report import BenchResult, Figure, Target
-from horizons_platform.bench.runner import Sample, Timeline, all_caught_up, watch
-from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.bench.stats import growth_pct
-from horizons_platform.bench.verify import verify
+from horizons_bench import references
+from horizons_bench.harness import BenchContext
+from horizons_bench.hostproc import HostProcess
+from horizons_bench.ingest import produce
+from horizons_bench.offsets import OffsetProbe
+from horizons_bench.report import BenchResult, Figure, Target
+from horizons_bench.runner import Sample, Timeline, all_caught_up, watch
+from horizons_bench.smtp import SmtpSink
+from horizons_bench.stats import growth_pct
+from horizons_bench.verify import verify
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS
 

@@ -23,14 +23,14 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from horizons_bench.harness import BenchContext, wait_until
+from horizons_bench.hostproc import HostProcess
+from horizons_bench.offsets import TP, OffsetProbe
+from horizons_bench.report import BenchResult, Figure, Target
+from horizons_bench.smtp import SmtpSink
+from horizons_bench.stats import summary_ms
+from horizons_bench.workload import Ledger, LedgerPublisher, Sent, produce_jobs
 from horizons_platform import events as ev
-from horizons_platform.bench.harness import BenchContext, wait_until
-from horizons_platform.bench.hostproc import HostProcess
-from horizons_platform.bench.offsets import TP, OffsetProbe
-from horizons_platform.bench.report import BenchResult, Figure, Target
-from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.bench.stats import summary_ms
-from horizons_platform.bench.workload import Ledger, LedgerPublisher, Sent, produce_jobs
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.client import Store

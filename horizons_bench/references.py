@@ -14,8 +14,8 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from horizons_platform.bench.harness import Progress
-from horizons_platform.bench.offsets import TP
+from horizons_bench.harness import Progress
+from horizons_bench.offsets import TP
 from horizons_platform.settings import Settings
 
 # ConsumerPerformance prints its CSV on stdout; keep log4j quiet and on stderr.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from horizons_platform.bench.harness import settings_env
+from horizons_bench.harness import settings_env
 from horizons_platform.settings import Settings
 
 READY_LINE = "consumers ready"

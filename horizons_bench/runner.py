@@ -11,9 +11,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from horizons_platform.bench.harness import Progress
-from horizons_platform.bench.hostproc import HostExited, HostProcess
-from horizons_platform.bench.offsets import GroupState, OffsetProbe
+from horizons_bench.harness import Progress
+from horizons_bench.hostproc import HostExited, HostProcess
+from horizons_bench.offsets import GroupState, OffsetProbe
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,17 @@ import random
 import time
 from typing import Any
 
-from horizons_platform import events as ev
-from horizons_platform.bench.faults.common import (
+from horizons_bench.faults.common import (
     DELIVERY_TIMEOUT_S,
     Check,
     FaultOutcome,
     FaultRun,
 )
-from horizons_platform.bench.harness import BenchContext
-from horizons_platform.bench.offsets import OffsetProbe
-from horizons_platform.bench.smtp import SmtpSink
-from horizons_platform.bench.workload import INVALID, LedgerPublisher
+from horizons_bench.harness import BenchContext
+from horizons_bench.offsets import OffsetProbe
+from horizons_bench.smtp import SmtpSink
+from horizons_bench.workload import INVALID, LedgerPublisher
+from horizons_platform import events as ev
 
 # Inputs that have broken JSON-handling code before; each must be stored by the auditor.
 HOSTILE: dict[str, bytes | None] = {

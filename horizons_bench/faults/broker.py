@@ -11,9 +11,9 @@ from __future__ import annotations
 import shutil
 import time
 
-from horizons_platform.bench.faults.common import Check, FaultOutcome, FaultRun
-from horizons_platform.bench.harness import BenchContext, dedicated_broker
-from horizons_platform.bench.smtp import SmtpSink
+from horizons_bench.faults.common import Check, FaultOutcome, FaultRun
+from horizons_bench.harness import BenchContext, dedicated_broker
+from horizons_bench.smtp import SmtpSink
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.kafka.consumer import EXIT_BROKER_LOST
 
