@@ -39,6 +39,9 @@ CONSUMER_STOPPED: Final = "consumer.stopped"
 CONSUMER_BROKER_LOST: Final = "consumer.broker_lost"
 AUDIT_RECORD: Final = "audit.record"
 
+# A W3C ``traceparent``: version-traceid(32 hex)-spanid(16 hex)-flags.
+TRACEPARENT_PATTERN = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+
 LIFECYCLE_TYPES = (JOB_SUBMITTED, JOB_STARTED, JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
 TERMINAL_TYPES = (JOB_COMPLETED, JOB_FAILED, JOB_CANCELLED)
 
@@ -163,9 +166,7 @@ class Envelope(_Open):
     occurred_at: AwareDatetime
     producer: str
     schema_version: int = SCHEMA_VERSION
-    trace_id: str | None = Field(
-        default=None, pattern=r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
-    )
+    trace_id: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
 
 
 class _JobEvent(Envelope):

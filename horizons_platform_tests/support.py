@@ -245,3 +245,18 @@ def record_in_the_past(
             batch = Batch.decode([topic], [0], [first + i], [None], [value], [0])
             handler.persist(con, {"audit_log": audit_columns(batch, at)})
             handler.after_commit({})
+
+
+def run_jobs(
+    settings: Settings, prefix: str, n: int, owner: str = "ada@observatory.example"
+) -> int:
+    """n jobs submitted, started and completed through the orchestrator; the event count."""
+    from horizons_platform.services.orchestrator import JobOrchestratorService
+
+    orch = JobOrchestratorService(settings, recover=False, wait=False)
+    for i in range(n):
+        orch.submit_job(f"{prefix}-{i}", owner=owner, job_type="imaging")
+        orch.start_job(f"{prefix}-{i}")
+        orch.complete_job(f"{prefix}-{i}")
+    orch.flush()
+    return 3 * n

@@ -10,6 +10,7 @@ Each host has its own registry (tests run several hosts in one process).
 
 from __future__ import annotations
 
+import collections
 import logging
 import re
 import time
@@ -114,10 +115,7 @@ class HostMetrics:
 
 
 def count_by_topic(values: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return out
+    return collections.Counter(values)
 
 
 class _Live(Collector):

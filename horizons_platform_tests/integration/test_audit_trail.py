@@ -20,24 +20,12 @@ from horizons_platform.runtime.publications import publish
 from horizons_platform.services import audit
 from horizons_platform.services.audit_check import check_trail
 from horizons_platform.services.compliance import build_report, generate_report, run_retention
-from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.signing import key_id, public_pem, sign_checkpoint
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
-from horizons_platform_tests.support import horizons, record_in_the_past, wait_for
+from horizons_platform_tests.support import horizons, record_in_the_past, run_jobs, wait_for
 
-OWNER = "grace@observatory.example"
 AUDITOR = "compliance-auditor"
-
-
-def _jobs(settings: Settings, prefix: str, n: int) -> int:
-    orch = JobOrchestratorService(settings, recover=False, wait=False)
-    for i in range(n):
-        orch.submit_job(f"{prefix}-{i}", owner=OWNER, job_type="imaging")
-        orch.start_job(f"{prefix}-{i}")
-        orch.complete_job(f"{prefix}-{i}")
-    orch.flush()
-    return 3 * n
 
 
 @pytest.fixture
@@ -51,7 +39,7 @@ def trail(
     host = host_factory(settings, (AUDITOR,))
     expected = 0
     for round_ in range(4):
-        expected += _jobs(settings, f"t{round_}", 15)
+        expected += run_jobs(settings, f"t{round_}", 15)
         wait_for(
             lambda n=expected: (
                 store.scalar("SELECT count(*) FROM audit_log WHERE job_id LIKE 't%'") == n
@@ -227,7 +215,7 @@ def test_retention_leaves_no_personal_data_older_than_the_period_in_any_table(
             [raw, long_ago],
         )
     host_factory(settings)
-    fresh = _jobs(settings, "fresh", 3)
+    fresh = run_jobs(settings, "fresh", 3)
     wait_for(
         lambda: store.scalar("SELECT count(*) FROM audit_log WHERE job_id LIKE 'fresh-%'") == fresh,
         60,

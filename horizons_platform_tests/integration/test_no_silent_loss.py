@@ -33,6 +33,7 @@ from horizons_platform_tests.support import (
     free_port,
     horizons,
     read_topic,
+    run_jobs,
     start_consumer,
     wait_for,
 )
@@ -64,17 +65,6 @@ def private_broker(tmp_path: Path, smtp: SmtpSink) -> Iterator[tuple[EmbeddedBro
         broker.stop()
 
 
-def _run_jobs(settings: Settings, prefix: str, n: int) -> int:
-    """n jobs submitted, started and completed; returns the number of events."""
-    orch = JobOrchestratorService(settings, recover=False, wait=False)
-    for i in range(n):
-        orch.submit_job(f"{prefix}-{i}", owner=OWNER, job_type="imaging")
-        orch.start_job(f"{prefix}-{i}")
-        orch.complete_job(f"{prefix}-{i}")
-    orch.flush()
-    return 3 * n
-
-
 def _audited(store: Store, prefix: str) -> tuple[int, int]:
     """(rows, distinct events) in audit_log for jobs named ``prefix``-*."""
     _, rows = store.query(
@@ -93,7 +83,7 @@ def test_a_replaced_cluster_stops_the_group_loudly_until_its_offsets_are_reset(
     log = tmp_path / "consume.log"
     proc = start_consumer(settings, log, services=[AUDITOR])
     try:
-        before = _run_jobs(settings, "before", 10)
+        before = run_jobs(settings, "before", 10)
         wait_for(lambda: _audited(store, "before") == (before, before), 60, what="first jobs")
 
         # The runbook's old recovery step, with the auditor running: stop the broker,
@@ -102,7 +92,7 @@ def test_a_replaced_cluster_stops_the_group_loudly_until_its_offsets_are_reset(
         shutil.rmtree(broker.data_dir)
         broker.start(progress=lambda _: None)
         ensure_topics(settings)
-        after = _run_jobs(settings, "after", 4)
+        after = run_jobs(settings, "after", 4)
 
         code = proc.wait(120)
         output = log.read_text()
@@ -158,13 +148,13 @@ def test_messages_deleted_before_the_group_read_them_raise_an_alert_with_the_cou
 ) -> None:
     store = Store(settings)
     host = host_factory(settings, (AUDITOR,))
-    first = _run_jobs(settings, "kept", 4)
+    first = run_jobs(settings, "kept", 4)
     wait_for(lambda: _audited(store, "kept") == (first, first), 60, what="first jobs")
     host.stop()
     host.join(30)
 
     # While the group is stopped, jobs arrive and Kafka's retention deletes them unread.
-    deleted = _run_jobs(settings, "expired", 6)
+    deleted = run_jobs(settings, "expired", 6)
     topic = settings.topic_job_lifecycle
     ends = end_offsets(settings, topic)
     admin = AdminClient(settings.kafka_config())
@@ -173,7 +163,7 @@ def test_messages_deleted_before_the_group_read_them_raise_an_alert_with_the_cou
         future.result(30)
 
     host_factory(settings, (AUDITOR,))
-    last = _run_jobs(settings, "later", 2)
+    last = run_jobs(settings, "later", 2)
     wait_for(lambda: _audited(store, "later") == (last, last), 60, what="later jobs")
     _, alerts = store.query(
         "SELECT value, message FROM health_alerts WHERE rule = 'messages_lost' ORDER BY subject"
@@ -342,11 +332,12 @@ def test_a_failing_store_stops_the_consumer_with_nothing_dead_lettered_or_commit
     proc = start_consumer(settings, log, services=groups, store_retry_s=3)
     wal = Path(f"{settings.database}.wal")
     try:
-        first = _run_jobs(settings, "ok", 5)
+        first = run_jobs(settings, "ok", 5)
         wait_for(lambda: _audited(store, "ok") == (first, first), 60, what="first jobs")
         wait_for(
-            lambda: store.scalar("SELECT count(*) FROM job_events WHERE job_id LIKE 'ok-%'")
-            == first,
+            lambda: (
+                store.scalar("SELECT count(*) FROM job_events WHERE job_id LIKE 'ok-%'") == first
+            ),
             60,
             what="the metrics group's first jobs",
         )
@@ -354,7 +345,7 @@ def test_a_failing_store_stops_the_consumer_with_nothing_dead_lettered_or_commit
         # The disk refuses every write of the store (as a full or failing disk would).
         subprocess.run(["chattr", "+i", str(wal)], check=True)
         try:
-            second = _run_jobs(settings, "refused", 5)
+            second = run_jobs(settings, "refused", 5)
             code = proc.wait(120)
         finally:
             subprocess.run(["chattr", "-i", str(wal)], check=True)
