@@ -23,10 +23,16 @@ BENCHMARKS: dict[str, str] = {
     "soak": "steady load for N minutes: memory stays bounded, nothing lost",
     "query": "a ~15 s analytical query through the owner while events stream: commit gaps",
     "outbox": "e-mails/s from the notification outbox to a loopback SMTP server",
-    "faults": "fault injection: kills, broker restarts, a held snapshot, SMTP down, poison",
+    "faults": "fault injection: kills, takeovers, broker restarts and node losses, SMTP down, "
+    "poison",
+    "failover": "kill -9 the owner host N times with a hot standby: takeover time, nothing lost",
+    "cluster": "produce and end-to-end throughput on 1 vs 3 Kafka brokers, in the same run",
     "audit": "verify-audit on a large trail: the full run's records/s, then after 1,000 new",
 }
-ALL_ORDER = ("ingest", "latency", "query", "outbox", "burst", "memory", "soak", "faults", "audit")
+ALL_ORDER = (
+    "ingest", "latency", "query", "outbox", "burst", "memory", "soak", "faults", "failover",
+    "cluster", "audit",
+)  # fmt: skip
 
 EPILOG = """\
 Each benchmark starts the embedded broker on HORIZONS_BROKER_PORT if it is not running
@@ -129,9 +135,18 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--only",
         action="append",
         metavar="SCENARIO",
-        help="run only these scenarios (repeatable): kills, broker, dblock, smtp, fuzz, "
-        "hostile, oversized",
+        help="run only these scenarios (repeatable): kills, failover, broker, nodes, dblock, "
+        "smtp, fuzz, hostile, oversized",
     )
+    _common(p)
+
+    p = _parser(bench, "failover")
+    p.add_argument("--kills", type=int, default=5, help="SIGKILLs of the owner (default 5)")
+    p.add_argument("--rate", type=float, default=400.0, help="events/s meanwhile (default 400)")
+    _common(p)
+
+    p = _parser(bench, "cluster")
+    p.add_argument("--events", type=int, default=100_000, help="events per run (default 100,000)")
     _common(p)
 
     p = _parser(bench, "audit")

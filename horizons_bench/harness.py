@@ -9,7 +9,9 @@ other's events and leave the user's ``var/horizons.duckdb`` alone.
 from __future__ import annotations
 
 import contextlib
+import random
 import shutil
+import socket
 import sys
 import time
 import uuid
@@ -25,7 +27,6 @@ from pydantic import SecretStr
 from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.settings import Settings
-from horizons_platform.store.owner import free_port
 
 HOST = "127.0.0.1"
 
@@ -171,22 +172,50 @@ def broker_for(base: Settings, progress: Progress) -> Iterator[tuple[str, Path |
             broker.stop()
 
 
-@contextlib.contextmanager
-def dedicated_broker(
-    base: Settings, data_dir: Path, progress: Progress
-) -> Iterator[EmbeddedBroker]:
-    """A private broker (free ports, own data) that a fault scenario may stop and restart
-    without disturbing anybody else's broker."""
-    port = free_port()
-    settings = derive(
+def free_port_block(size: int, attempts: int = 200) -> int:
+    """The first of ``size`` consecutive free ports on 127.0.0.1 (an embedded cluster's
+    nodes take broker_port, +1, +2, …)."""
+    rng = random.Random()
+    for _ in range(attempts):
+        base = rng.randrange(20_000, 60_000 - size)
+        sockets = []
+        try:
+            for port in range(base, base + size):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind((HOST, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no {size} consecutive free ports found on {HOST}")
+
+
+def embedded_settings(base: Settings, data_dir: Path, brokers: int = 1) -> Settings:
+    """Settings for a private embedded broker or cluster on free ports, data in data_dir."""
+    port = free_port_block(2 * brokers)
+    return derive(
         base,
         kafka_bootstrap=None,
         broker_port=port,
-        broker_controller_port=free_port(),
+        broker_controller_port=port + 1,
+        broker_count=brokers,
         var_dir=data_dir,
     )
+
+
+@contextlib.contextmanager
+def dedicated_broker(
+    base: Settings, data_dir: Path, progress: Progress, brokers: int = 1
+) -> Iterator[EmbeddedBroker]:
+    """A private broker or cluster (free ports, own data) that a fault scenario may stop,
+    kill and restart without disturbing anybody else's broker."""
+    settings = embedded_settings(base, data_dir, brokers)
     broker = EmbeddedBroker(settings, data_dir=data_dir / "broker")
-    progress.say(f"starting a dedicated broker on {broker.bootstrap} for broker faults")
+    what = "broker" if brokers == 1 else f"{brokers}-node cluster"
+    progress.say(f"starting a dedicated {what} on {broker.bootstrap}")
     broker.start(progress=lambda _: None)
     try:
         yield broker

@@ -25,7 +25,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 
-from horizons_bench.harness import HOST, free_port
+from horizons_bench.harness import HOST
+from horizons_platform.store.owner import free_port
 
 # aiosmtpd logs every SMTP command at INFO: thousands of lines per benchmark.
 logging.getLogger("mail.log").setLevel(logging.WARNING)

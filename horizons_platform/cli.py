@@ -7,9 +7,13 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from horizons_platform.output import print_table
 from horizons_platform.settings import SERVICE_GROUPS, Settings
+
+if TYPE_CHECKING:
+    from horizons_platform.kafka.broker import EmbeddedBroker
 
 
 def _settings() -> Settings:
@@ -19,11 +23,24 @@ def _settings() -> Settings:
 # --- broker -----------------------------------------------------------------------------
 
 
+def _broker_settings(args: argparse.Namespace) -> Settings:
+    settings = _settings()
+    count = getattr(args, "brokers", None)
+    if count is None and settings.broker_count == 1:
+        # A cluster started with --brokers N is still found by a later stop/status/kill.
+        nodes = sorted(settings.broker_dir.glob("node-*/server.properties"))
+        if nodes and not (settings.broker_dir / "broker.pid").exists():
+            count = len(nodes)
+    if count is not None and count != settings.broker_count:
+        settings = Settings(**{**settings.model_dump(), "broker_count": count})
+    return settings
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     from horizons_platform.kafka.admin import ensure_topics
     from horizons_platform.kafka.broker import BrokerError, EmbeddedBroker
 
-    settings = _settings()
+    settings = _broker_settings(args)
     if not settings.embedded_broker and args.action != "status":
         print(
             f"HORIZONS_KAFKA_BOOTSTRAP={settings.kafka_bootstrap} is set: the embedded "
@@ -38,21 +55,54 @@ def cmd_broker(args: argparse.Namespace) -> int:
             parts = ensure_topics(settings)
             print("topics: " + ", ".join(f"{t}({n})" for t, n in parts.items()))
             print(f"broker ready on {broker.bootstrap}")
+            if settings.broker_count > 1 and os.environ.get("HORIZONS_BROKER_COUNT") is None:
+                print(
+                    f"export HORIZONS_BROKER_COUNT={settings.broker_count} so every other "
+                    "command (up, consume, simulate, ...) bootstraps from all nodes."
+                )
         elif args.action == "stop":
             print("broker stopped" if broker.stop() else "broker was not running")
+        elif args.action in ("kill", "restart"):
+            if args.node is None:
+                print(f"error: broker {args.action} needs a node number", file=sys.stderr)
+                return 2
+            if args.action == "kill":
+                killed = broker.kill(args.node)
+                print(f"node {args.node} killed" if killed else f"node {args.node} was not running")
+            else:
+                broker.restart(args.node)
         else:
-            st = broker.status()
-            if not st.running:
-                print(f"broker not running (port {st.port}, Kafka {st.kafka_version})")
-                print(f"log: {st.log_path}")
-                return 1
-            print(f"running: pid {st.pid}, {st.bootstrap}, Kafka {st.kafka_version}")
-            print(f"log: {st.log_path}")
-            print_table(["topic", "partitions"], sorted(st.topics.items()))
+            return _print_broker_status(broker)
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_broker_status(broker: EmbeddedBroker) -> int:
+    st = broker.status()
+    if not st.running:
+        print(f"broker not running ({st.bootstrap}, Kafka {st.kafka_version})")
+        print(f"log: {st.log_path}")
+        return 1
+    print(f"running: {st.bootstrap}, Kafka {st.kafka_version}")
+    print_table(
+        ["node", "state", "pid", "port", "controller port", "roles"],
+        [
+            (n.node_id, "up" if n.running else "DOWN", n.pid, n.port, n.controller_port, n.roles)
+            for n in st.nodes
+        ],
+    )
+    print(f"log: {st.log_path}")
+    print_table(["topic", "partitions"], sorted(st.topics.items()))
+    if st.under_replicated:
+        shown = ", ".join(st.under_replicated[:12])
+        more = f" (+{len(st.under_replicated) - 12} more)" if len(st.under_replicated) > 12 else ""
+        print(f"under-replicated partitions: {len(st.under_replicated)}: {shown}{more}")
+    else:
+        print("under-replicated partitions: 0")
+    down = [n for n in st.nodes if not n.running]
+    return 1 if down or st.under_replicated else 0
 
 
 # --- consumers, traffic, queries ------------------------------------------------------------
@@ -261,10 +311,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "broker",
         help="start/stop/inspect the embedded Kafka broker",
-        description="The embedded single-node Apache Kafka (KRaft) broker on "
-        "127.0.0.1:$HORIZONS_BROKER_PORT; jars are cached in ~/.cache/horizons.",
+        description="The embedded Apache Kafka (KRaft) broker on 127.0.0.1:$HORIZONS_BROKER_PORT: "
+        "one node by default, or a cluster (--brokers 3, HORIZONS_BROKER_COUNT) whose node n "
+        "listens on HORIZONS_BROKER_PORT + 2(n-1); jars are cached in ~/.cache/horizons. "
+        "status exits 1 when a node is down or a partition is under-replicated.",
+        epilog="fault drills: `horizons broker kill 2` (SIGKILL node 2), "
+        "`horizons broker restart 2` (start it again and wait until it answers).",
     )
-    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("action", choices=["start", "stop", "status", "kill", "restart"])
+    p.add_argument("node", nargs="?", type=int, help="node number (kill, restart)")
+    p.add_argument(
+        "--brokers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="nodes in the embedded cluster (default HORIZONS_BROKER_COUNT or 1; "
+        "3 gives topics 3 replicas with min.insync.replicas=2)",
+    )
     p.set_defaults(func=cmd_broker)
 
     p = sub.add_parser(

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     kafka_bootstrap: str | None = None
     broker_port: int = 9092
     broker_controller_port: int | None = None  # default: broker_port + 1
+    # Nodes of the embedded cluster (KRaft, each a broker and a controller). Node n
+    # (1-based) listens on broker_port + 2(n-1) and controller_port + 2(n-1).
+    broker_count: int = Field(default=1, ge=1, le=9)
     broker_heap: str = "512m"
     kafka_version: str = "4.1.1"
     kafka_cache_dir: Path = Path.home() / ".cache" / "horizons" / "kafka"
@@ -69,7 +72,12 @@ class Settings(BaseSettings):
     partitions_audit_trail: int = 3
     partitions_system_health: int = 3
     partitions_dlq: int = 3
-    replication_factor: int = 1
+    # Unset: 3 on an embedded cluster of 3+ nodes (else its node count); on an existing
+    # cluster, the broker's default.replication.factor.
+    replication_factor: int | None = None
+    # Unset: 2 where topics have 3+ replicas (an acknowledged write is on two nodes),
+    # else the broker's default.
+    min_insync_replicas: int | None = None
 
     # --- consumer loop ---------------------------------------------------------------
     batch_max_messages: int = 5000
@@ -189,11 +197,34 @@ class Settings(BaseSettings):
 
     @property
     def bootstrap(self) -> str:
-        return self.kafka_bootstrap or f"127.0.0.1:{self.broker_port}"
+        if self.kafka_bootstrap:
+            return self.kafka_bootstrap
+        return ",".join(f"127.0.0.1:{port}" for port, _ in self.broker_nodes)
 
     @property
     def controller_port(self) -> int:
         return self.broker_controller_port or self.broker_port + 1
+
+    @property
+    def broker_nodes(self) -> list[tuple[int, int]]:
+        """(client port, controller port) of each embedded node, node 1 first."""
+        return [
+            (self.broker_port + 2 * i, self.controller_port + 2 * i)
+            for i in range(self.broker_count)
+        ]
+
+    @property
+    def topic_replication(self) -> int:
+        """Replicas per topic; -1 asks the broker for its default.replication.factor."""
+        if self.replication_factor is not None:
+            return self.replication_factor
+        return min(3, self.broker_count) if self.embedded_broker else -1
+
+    @property
+    def topic_min_insync(self) -> int | None:
+        if self.min_insync_replicas is not None:
+            return self.min_insync_replicas
+        return 2 if self.topic_replication >= 3 else None
 
     def topic_partitions(self) -> dict[str, int]:
         return {

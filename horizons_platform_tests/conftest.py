@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from horizons_bench.harness import embedded_settings
 from horizons_platform.host import Host
 from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
@@ -33,15 +34,28 @@ def _broker_jvms(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--brokers",
+        type=int,
+        default=int(os.environ.get("HORIZONS_TEST_BROKERS", "1")),
+        help="run the scenarios on an embedded cluster of N Kafka nodes (replication "
+        "factor 3, min.insync.replicas 2 from 3 nodes); default HORIZONS_TEST_BROKERS or 1",
+    )
+
+
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real broker for the whole run: ``HORIZONS_KAFKA_BOOTSTRAP`` or an embedded one."""
+def kafka_bootstrap(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[str]:
+    """A real broker for the whole run: ``HORIZONS_KAFKA_BOOTSTRAP`` or an embedded one
+    (a cluster with ``--brokers 3``; topics then take the cluster's 3 replicas)."""
     external = os.environ.get("HORIZONS_KAFKA_BOOTSTRAP")
     if external:
         yield external
         return
     var = tmp_path_factory.mktemp("broker")
-    settings = Settings(var_dir=var, broker_port=free_port(), broker_controller_port=free_port())
+    settings = embedded_settings(Settings(), var, brokers=pytestconfig.getoption("brokers"))
     broker = EmbeddedBroker(settings)
     broker.start(progress=lambda _: None)
     try:

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from horizons_bench.faults import broker, dblock, poison, smtp_down
+from horizons_bench.faults import broker, dblock, failover, nodes, poison, smtp_down
 from horizons_bench.faults import kills as kill_loop
 from horizons_bench.faults.common import FaultOutcome
 from horizons_bench.harness import BenchContext
 from horizons_bench.report import BenchResult, Figure, Target
 from horizons_bench.smtp import SmtpSink
 
-SCENARIOS = ("kills", "broker", "dblock", "smtp", "fuzz", "hostile", "oversized")
+SCENARIOS = (
+    "kills", "failover", "broker", "nodes", "dblock", "smtp", "fuzz", "hostile", "oversized"
+)  # fmt: skip
 ZERO = Target("eq", 0)
 
 
@@ -34,7 +36,9 @@ def run(
     )
     runners: dict[str, Callable[[SmtpSink], FaultOutcome]] = {
         "kills": lambda smtp: kill_loop.run(ctx, smtp, kills=kills, seed=seed),
+        "failover": lambda smtp: failover.run(ctx, smtp, kills=5, seed=seed),
         "broker": lambda smtp: broker.run(ctx, smtp, restarts=restarts, seed=seed),
+        "nodes": lambda smtp: nodes.run(ctx, smtp, seed=seed),
         "dblock": lambda smtp: dblock.run(ctx, smtp, seed=seed),
         "smtp": lambda smtp: smtp_down.run(ctx, smtp, seed=seed),
         "fuzz": lambda smtp: poison.run(

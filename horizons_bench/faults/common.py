@@ -104,8 +104,12 @@ class FaultRun:
         self._errors: list[BaseException] = []
         self.unfinished: str | None = None  # why the final catch-up did not complete
 
-    def host(self, env: dict[str, str] | None = None, wait: bool = True) -> HostProcess:
-        log = self.ctx.run_dir / f"host-{self.tag}.log"
+    def host(
+        self, env: dict[str, str] | None = None, wait: bool = True, log_name: str = ""
+    ) -> HostProcess:
+        """A new `horizons consume`; hosts that run side by side need their own
+        ``log_name``, or one's "ready" line could be read as the other's."""
+        log = self.ctx.run_dir / f"host-{self.tag}{log_name}.log"
         host = HostProcess(self.settings, log, env=env).start()
         self.hosts.append(host)
         if wait:
@@ -114,7 +118,8 @@ class FaultRun:
 
     @property
     def current(self) -> HostProcess | None:
-        return self.hosts[-1] if self.hosts else None
+        """The newest live host (a standby started later may already be stopped)."""
+        return next((h for h in reversed(self.hosts) if h.alive), None)
 
     def stream(self, events: int, rate: float, seed: int = 7) -> None:
         """Job traffic in the background, until ``events`` or ``stop_traffic``."""

@@ -26,8 +26,16 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
     admin = admin_client(settings)
     wanted = settings.topic_partitions()
     existing = admin.list_topics(timeout=timeout).topics
+    config = {}
+    if settings.topic_min_insync is not None:
+        config["min.insync.replicas"] = str(settings.topic_min_insync)
     new = [
-        NewTopic(name, num_partitions=parts, replication_factor=settings.replication_factor)
+        NewTopic(
+            name,
+            num_partitions=parts,
+            replication_factor=settings.topic_replication,
+            config=config,
+        )
         for name, parts in wanted.items()
         if name not in existing
     ]
@@ -96,6 +104,19 @@ def topic_partitions(settings: Settings, admin: AdminClient | None = None) -> di
         for name, t in meta.topics.items()
         if not name.startswith("__") and t.error is None
     }
+
+
+def under_replicated(settings: Settings, topics: list[str], timeout: float = 5.0) -> list[str]:
+    """``topic[partition]`` of ``topics`` with fewer in-sync replicas than replicas, or no
+    leader: a node is down or behind, and one more loss may stop writes."""
+    meta = admin_client(settings).list_topics(timeout=timeout)
+    return [
+        f"{name}[{p.id}]"
+        for name in topics
+        if name in meta.topics
+        for p in meta.topics[name].partitions.values()
+        if p.leader < 0 or len(p.isrs) < len(p.replicas)
+    ]
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 from confluent_kafka import KafkaException
@@ -109,6 +110,9 @@ class BrokerStatus:
     kafka_version: str
     log_path: Path
     topics: dict[str, int] = field(default_factory=dict)
+    nodes: list[NodeStatus] = field(default_factory=list)
+    # "topic[partition]" with fewer in-sync replicas than replicas, or no leader.
+    under_replicated: list[str] = field(default_factory=list)
 
 
 # --- prerequisites ------------------------------------------------------------------
@@ -239,11 +243,18 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _server_properties(log_dir: Path, port: int, controller_port: int) -> str:
+def _server_properties(node_id: int, nodes: list[tuple[int, int]], log_dir: Path) -> str:
+    """One node's configuration. Every node is a broker and a controller (combined mode):
+    a three-controller quorum survives the loss of any one node, and on a two-core box
+    three JVMs are the most that fit beside the platform (separate controllers would
+    double them; Kafka recommends them for production, where this file is not used)."""
+    port, controller_port = nodes[node_id - 1]
+    count = len(nodes)
+    replicas = str(min(3, count))
+    min_isr = "2" if count >= 3 else "1"
     props = {
         "process.roles": "broker,controller",
-        "node.id": "1",
-        "controller.quorum.bootstrap.servers": f"{HOST}:{controller_port}",
+        "node.id": str(node_id),
         "listeners": f"PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
         "advertised.listeners": f"PLAINTEXT://{HOST}:{port}",
         "controller.listener.names": "CONTROLLER",
@@ -251,42 +262,235 @@ def _server_properties(log_dir: Path, port: int, controller_port: int) -> str:
         "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         "log.dirs": str(log_dir),
         "num.partitions": "1",
-        # One node: every internal topic must fit on it.
-        "offsets.topic.replication.factor": "1",
+        # Internal topics replicated like ours: losing one node loses no group offset.
+        "default.replication.factor": replicas,
+        "min.insync.replicas": min_isr,
+        "offsets.topic.replication.factor": replicas,
         "offsets.topic.num.partitions": "3",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
+        "transaction.state.log.replication.factor": replicas,
+        "transaction.state.log.min.isr": min_isr,
+        "share.coordinator.state.topic.replication.factor": replicas,
+        "share.coordinator.state.topic.min.isr": min_isr,
         # Tests and `horizons up` start consumers right away; the default 3 s delay
         # only helps when many members join a group at once.
         "group.initial.rebalance.delay.ms": "0",
     }
+    if count == 1:
+        props["controller.quorum.bootstrap.servers"] = f"{HOST}:{controller_port}"
+    else:
+        # A static quorum: the voters are fixed by configuration, formatted alike.
+        props["controller.quorum.voters"] = ",".join(
+            f"{n}@{HOST}:{c}" for n, (_, c) in enumerate(nodes, start=1)
+        )
+        # A killed node is fenced, and its partitions led elsewhere, after 3 s instead
+        # of 9: drills (and a development cluster) fail over in seconds.
+        props["broker.session.timeout.ms"] = "3000"
+        props["broker.heartbeat.interval.ms"] = "1000"
+        props["replica.lag.time.max.ms"] = "10000"
     header = "# Written by horizons_platform.kafka.broker on every start; edits are lost.\n"
     return header + "".join(f"{key}={value}\n" for key, value in props.items())
 
 
-# --- the broker ----------------------------------------------------------------------
+# --- one node ----------------------------------------------------------------------
 
 
-class EmbeddedBroker:
-    """Start, stop and inspect the single-node development broker."""
+class BrokerNode:
+    """One KRaft node: its JVM, properties, pid file and log under ``data_dir``."""
 
-    def __init__(self, settings: Settings, *, data_dir: Path | None = None) -> None:
+    def __init__(self, settings: Settings, node_id: int, data_dir: Path) -> None:
         self.settings = settings
-        self.data_dir = Path(data_dir or settings.broker_dir).absolute()
-        self.properties_path = self.data_dir / "server.properties"
-        self.pid_path = self.data_dir / "broker.pid"
-        self.log_path = self.data_dir / "broker.log"
-        self.kraft_dir = self.data_dir / "kraft"
-        self.cache_dir = (Path(settings.kafka_cache_dir) / settings.kafka_version).absolute()
-        self.jar_dir = self.cache_dir / "libs"
+        self.node_id = node_id
+        self.port, self.controller_port = settings.broker_nodes[node_id - 1]
+        self.data_dir = data_dir
+        self.properties_path = data_dir / "server.properties"
+        self.pid_path = data_dir / "broker.pid"
+        self.log_path = data_dir / "broker.log"
+        self.kraft_dir = data_dir / "kraft"
         # Set when this object started the JVM, so stop() can reap it (no zombie).
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap(self) -> str:
-        return f"{HOST}:{self.settings.broker_port}"
+        return f"{HOST}:{self.port}"
+
+    def check_ports_free(self) -> None:
+        roles = {"client": self.port, "controller": self.controller_port}
+        for role, port in roles.items():
+            if not _port_is_free(port):
+                raise BrokerError(
+                    f"Port {port} on {HOST} (node {self.node_id}'s {role} port) is already in "
+                    f"use by {_port_owner(port)}. Stop that process, or choose free ports with "
+                    "HORIZONS_BROKER_PORT / HORIZONS_BROKER_CONTROLLER_PORT, or use a running "
+                    "cluster with HORIZONS_KAFKA_BOOTSTRAP=host:port."
+                )
+
+    def write_properties(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.properties_path.write_text(
+            _server_properties(self.node_id, self.settings.broker_nodes, self.kraft_dir)
+        )
+
+    def format_storage(self, java: str, jar_dir: Path, cluster_id: str, standalone: bool) -> None:
+        if (self.kraft_dir / "meta.properties").exists():
+            return
+        command = [
+            java, "-cp", f"{jar_dir}/*", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
+            "kafka.tools.StorageTool", "format", "-t", cluster_id,
+            "-c", str(self.properties_path), "--ignore-formatted",
+        ]  # fmt: skip
+        if standalone:
+            command.append("--standalone")
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            output = _last_lines(result.stdout + result.stderr)
+            raise BrokerError(
+                f"Formatting the broker storage in {self.kraft_dir} failed "
+                f"(exit {result.returncode}). If the folder holds data from another setup, "
+                f"remove {self.data_dir} and start again.\n{output}"
+            )
+
+    def launch(self, java: str, jar_dir: Path) -> subprocess.Popen[bytes]:
+        if self.log_path.exists():
+            # Keep the previous run's log: it explains why a restart was needed.
+            self.log_path.replace(self.log_path.with_name("broker.log.1"))
+        command = [
+            java, f"-Xmx{self.settings.broker_heap}", *JVM_FLAGS,
+            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", "-cp", f"{jar_dir}/*",
+            MAIN_CLASS, str(self.properties_path),
+        ]  # fmt: skip
+        with self.log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                # Its own session: a Ctrl-C aimed at the CLI or a test run must not
+                # kill the broker behind the caller's back; stop() is the way.
+                start_new_session=True,
+            )
+        self._proc = proc
+        self.pid_path.write_text(f"{proc.pid}\n")
+        return proc
+
+    def exited(self) -> int | None:
+        """The exit code of the JVM this object launched, once it has exited."""
+        return None if self._proc is None else self._proc.poll()
+
+    def answers_metadata(self) -> bool:
+        # Probe the socket first: librdkafka logs every refused connection to stderr.
+        if not _accepts_connections(self.port):
+            return False
+        return _list_topics(self.bootstrap, 2.0) is not None
+
+    def signal(self, sig: signal.Signals) -> psutil.Process | None:
+        proc = self.process()
+        if proc is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
+        return proc
+
+    def kill(self) -> bool:
+        """SIGKILL: a node lost without warning (fault drills). True if one ran."""
+        proc = self.signal(signal.SIGKILL)
+        if proc is None:
+            return False
+        self.wait_exit(proc, 30)
+        self.forget_pid()
+        return True
+
+    def wait_exit(self, proc: psutil.Process, timeout: float) -> bool:
+        try:
+            if self._proc is not None and self._proc.pid == proc.pid:
+                # Our own child: wait through Popen so it is reaped and not left a zombie.
+                self._proc.wait(timeout)
+            else:
+                proc.wait(timeout)
+        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
+            return False
+        except psutil.NoSuchProcess:
+            pass
+        return True
+
+    def forget_pid(self) -> None:
+        self.pid_path.unlink(missing_ok=True)
+        if self._proc is not None and self._proc.poll() is not None:
+            self._proc = None
+
+    def _read_pid(self) -> int | None:
+        try:
+            return int(self.pid_path.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def process(self) -> psutil.Process | None:
+        """The JVM named by the pid file, if it is really ours and alive.
+
+        A pid file can outlive its process and the pid can be reused, so the process
+        must also be a ``kafka.Kafka`` JVM running our properties file.
+        """
+        pid = self._read_pid()
+        if pid is None:
+            return None
+        if self._proc is not None and self._proc.pid == pid:
+            self._proc.poll()  # reaps our child if it died, so it reads as gone
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return None
+            cmdline = proc.cmdline()
+        except psutil.Error:
+            return None
+        if MAIN_CLASS in cmdline and str(self.properties_path) in cmdline:
+            return proc
+        return None
+
+    def is_running(self) -> bool:
+        if self.process() is not None:
+            return True
+        if self.pid_path.exists():
+            self.forget_pid()  # stale: its process is gone or is someone else's
+        return False
+
+
+@dataclass
+class NodeStatus:
+    node_id: int
+    running: bool
+    pid: int | None
+    port: int
+    controller_port: int
+    roles: str = "broker,controller"
+
+
+# --- the cluster ---------------------------------------------------------------------
+
+
+class EmbeddedBroker:
+    """Start, stop and inspect the development broker: one node by default, or a
+    cluster of ``settings.broker_count`` nodes (``horizons broker start --brokers 3``)."""
+
+    def __init__(self, settings: Settings, *, data_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.data_dir = Path(data_dir or settings.broker_dir).absolute()
+        count = settings.broker_count
+        # One node keeps the layout it always had; a cluster has a folder per node.
+        self.nodes = [
+            BrokerNode(settings, n, self.data_dir if count == 1 else self.data_dir / f"node-{n}")
+            for n in range(1, count + 1)
+        ]
+        first = self.nodes[0]
+        self.properties_path = first.properties_path
+        self.pid_path = first.pid_path
+        self.log_path = first.log_path
+        self.kraft_dir = first.kraft_dir
+        self.cluster_id_path = self.data_dir / "cluster.id"
+        self.cache_dir = (Path(settings.kafka_cache_dir) / settings.kafka_version).absolute()
+        self.jar_dir = self.cache_dir / "libs"
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes)
 
     @property
     def kafka_version(self) -> str:
@@ -295,6 +499,14 @@ class EmbeddedBroker:
             if match:
                 return match.group(1)
         return self.settings.kafka_version
+
+    def node(self, node_id: int) -> BrokerNode:
+        if not 1 <= node_id <= len(self.nodes):
+            raise BrokerError(
+                f"There is no node {node_id}: the embedded cluster has {len(self.nodes)} "
+                f"node(s) 1..{len(self.nodes)} (HORIZONS_BROKER_COUNT / --brokers)."
+            )
+        return self.nodes[node_id - 1]
 
     # --- jars --------------------------------------------------------------------------
 
@@ -351,203 +563,174 @@ class EmbeddedBroker:
 
     # --- lifecycle ---------------------------------------------------------------------
 
+    def _cluster_id(self) -> str:
+        """One id for every node of this data folder, kept for nodes formatted later."""
+        try:
+            return self.cluster_id_path.read_text().strip()
+        except FileNotFoundError:
+            cluster_id = _random_cluster_id()
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.cluster_id_path.write_text(cluster_id + "\n")
+            return cluster_id
+
     def start(self, progress: Callable[[str], None] = print) -> BrokerStatus:
-        """Start the broker unless it runs already; return once it answers metadata."""
-        if self.is_running():
+        """Start every node that is not running; return once all answer metadata."""
+        down = [node for node in self.nodes if not node.is_running()]
+        if not down:
             status = self.status()
             progress(f"Kafka broker already running at {self.bootstrap} (pid {status.pid}).")
             return status
         java = _require_java()
         jar_dir = self.ensure_jars(progress)
-        self._check_ports_free()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        ports = (self.settings.broker_port, self.settings.controller_port)
-        self.properties_path.write_text(_server_properties(self.kraft_dir, *ports))
-        self._format_storage(java, jar_dir, progress)
-        progress(f"Starting Kafka {self.kafka_version} broker at {self.bootstrap}...")
+        for node in down:
+            node.check_ports_free()
+        cluster_id = self._cluster_id()
+        for node in down:
+            node.write_properties()
+            if not (node.kraft_dir / "meta.properties").exists():
+                progress(f"Formatting KRaft storage in {node.kraft_dir}...")
+            node.format_storage(java, jar_dir, cluster_id, standalone=len(self.nodes) == 1)
+        what = "broker" if len(self.nodes) == 1 else f"{len(down)} of {len(self.nodes)} nodes"
+        progress(f"Starting Kafka {self.kafka_version} {what} at {self.bootstrap}...")
         started = time.monotonic()
-        proc = self._launch(java, jar_dir)
-        self._wait_until_ready(proc)
+        for node in down:
+            node.launch(java, jar_dir)
+        self._wait_until_ready(down)
+        pids = ", ".join(str(node.pid_path.read_text().strip()) for node in down)
         progress(
-            f"Kafka broker ready at {self.bootstrap} (pid {proc.pid}) in "
+            f"Kafka broker ready at {self.bootstrap} (pid {pids}) in "
             f"{time.monotonic() - started:.1f} s; log: {self.log_path}"
         )
         return self.status()
 
-    def _check_ports_free(self) -> None:
-        roles = {"client": self.settings.broker_port, "controller": self.settings.controller_port}
-        for role, port in roles.items():
-            if not _port_is_free(port):
-                raise BrokerError(
-                    f"Port {port} on {HOST} (the broker's {role} port) is already in use by "
-                    f"{_port_owner(port)}. Stop that process, or choose free ports with "
-                    "HORIZONS_BROKER_PORT / HORIZONS_BROKER_CONTROLLER_PORT, or use a running "
-                    "cluster with HORIZONS_KAFKA_BOOTSTRAP=host:port."
-                )
-
-    def _format_storage(self, java: str, jar_dir: Path, progress: Callable[[str], None]) -> None:
-        if (self.kraft_dir / "meta.properties").exists():
-            return
-        progress(f"Formatting KRaft storage in {self.kraft_dir}...")
-        command = [
-            java, "-cp", f"{jar_dir}/*", f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-            "kafka.tools.StorageTool", "format", "-t", _random_cluster_id(),
-            "-c", str(self.properties_path), "--standalone", "--ignore-formatted",
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
-        if result.returncode != 0:
-            output = _last_lines(result.stdout + result.stderr)
-            raise BrokerError(
-                f"Formatting the broker storage in {self.kraft_dir} failed "
-                f"(exit {result.returncode}). If the folder holds data from another setup, "
-                f"remove {self.data_dir} and start again.\n{output}"
-            )
-
-    def _launch(self, java: str, jar_dir: Path) -> subprocess.Popen[bytes]:
-        if self.log_path.exists():
-            # Keep the previous run's log: it explains why a restart was needed.
-            self.log_path.replace(self.log_path.with_name("broker.log.1"))
-        command = [
-            java, f"-Xmx{self.settings.broker_heap}", *JVM_FLAGS,
-            f"-Dlog4j2.configurationFile={LOG4J_CONFIG}", "-cp", f"{jar_dir}/*",
-            MAIN_CLASS, str(self.properties_path),
-        ]  # fmt: skip
-        with self.log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                # Its own session: a Ctrl-C aimed at the CLI or a test run must not
-                # kill the broker behind the caller's back; stop() is the way.
-                start_new_session=True,
-            )
-        self._proc = proc
-        self.pid_path.write_text(f"{proc.pid}\n")
-        return proc
-
-    def _wait_until_ready(self, proc: subprocess.Popen[bytes]) -> None:
+    def _wait_until_ready(self, nodes: list[BrokerNode]) -> None:
         timeout = self.settings.broker_start_timeout_s
         deadline = time.monotonic() + timeout
+        waiting = list(nodes)
         while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                self._forget_pid()
-                raise BrokerError(
-                    f"The Kafka broker exited during start-up (exit {proc.returncode}). "
-                    f"Last lines of {self.log_path}:\n{_tail(self.log_path)}"
-                )
-            if self._answers_metadata():
+            for node in list(waiting):
+                code = node.exited()
+                if code is not None:
+                    node.forget_pid()
+                    self.stop(timeout=10)
+                    raise BrokerError(
+                        f"Kafka node {node.node_id} exited during start-up (exit {code}). "
+                        f"Last lines of {node.log_path}:\n{_tail(node.log_path)}"
+                    )
+                if node.answers_metadata():
+                    waiting.remove(node)
+            if not waiting:
                 return
             time.sleep(0.2)
-        tail = _tail(self.log_path)
+        node = waiting[0]
+        tail = _tail(node.log_path)
         self.stop(timeout=10)
         raise BrokerError(
-            f"The Kafka broker did not answer at {self.bootstrap} within {timeout:.0f} s "
-            f"(HORIZONS_BROKER_START_TIMEOUT_S); it was stopped. Last lines of "
-            f"{self.log_path}:\n{tail}"
+            f"Kafka node {node.node_id} did not answer at {node.bootstrap} within "
+            f"{timeout:.0f} s (HORIZONS_BROKER_START_TIMEOUT_S); the broker was stopped. "
+            f"Last lines of {node.log_path}:\n{tail}"
         )
 
-    def _answers_metadata(self) -> bool:
-        # Probe the socket first: librdkafka logs every refused connection to stderr.
-        if not _accepts_connections(self.settings.broker_port):
-            return False
-        return self._list_topics(2.0) is not None
-
     def stop(self, timeout: float = 30) -> bool:
-        """Stop our broker (SIGTERM, then SIGKILL after ``timeout``); True if one ran."""
-        proc = self._our_process()
-        if proc is None:
-            self._forget_pid()
-            return False
-        with contextlib.suppress(psutil.NoSuchProcess):
-            proc.send_signal(signal.SIGTERM)
-        if not self._wait_exit(proc, timeout):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-            self._wait_exit(proc, 10)
-        self._forget_pid()
-        return True
+        """Stop every node (SIGTERM, then SIGKILL after ``timeout``); True if one ran."""
+        running = [(node, node.signal(signal.SIGTERM)) for node in self.nodes]
+        stopped = False
+        for node, proc in running:
+            if proc is None:
+                node.forget_pid()
+                continue
+            stopped = True
+            if not node.wait_exit(proc, timeout):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+                node.wait_exit(proc, 10)
+            node.forget_pid()
+        return stopped
 
-    def _wait_exit(self, proc: psutil.Process, timeout: float) -> bool:
-        try:
-            if self._proc is not None and self._proc.pid == proc.pid:
-                # Our own child: wait through Popen so it is reaped and not left a zombie.
-                self._proc.wait(timeout)
-            else:
-                proc.wait(timeout)
-        except (subprocess.TimeoutExpired, psutil.TimeoutExpired):
-            return False
-        except psutil.NoSuchProcess:
-            pass
-        return True
+    def kill(self, node_id: int) -> bool:
+        """SIGKILL one node, as a crashed machine would vanish; True if it ran."""
+        return self.node(node_id).kill()
 
-    def _forget_pid(self) -> None:
-        self.pid_path.unlink(missing_ok=True)
-        if self._proc is not None and self._proc.poll() is not None:
-            self._proc = None
+    def restart(self, node_id: int, progress: Callable[[str], None] = print) -> BrokerStatus:
+        """Start one node again (after ``kill``) and wait until it answers."""
+        node = self.node(node_id)
+        if node.is_running():
+            node.signal(signal.SIGTERM)
+            proc = node.process()
+            if proc is not None and not node.wait_exit(proc, 30):
+                node.kill()
+            node.forget_pid()
+        java = _require_java()
+        jar_dir = self.ensure_jars(progress)
+        node.check_ports_free()
+        node.write_properties()
+        node.launch(java, jar_dir)
+        self._wait_until_ready([node])
+        progress(f"Kafka node {node_id} back at {node.bootstrap}")
+        return self.status()
 
     # --- inspection --------------------------------------------------------------------
 
-    def _read_pid(self) -> int | None:
-        try:
-            return int(self.pid_path.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-
-    def _our_process(self) -> psutil.Process | None:
-        """The broker process named by the pid file, if it is really ours and alive.
-
-        A pid file can outlive its process and the pid can be reused, so the process
-        must also be a ``kafka.Kafka`` JVM running our properties file.
-        """
-        pid = self._read_pid()
-        if pid is None:
-            return None
-        if self._proc is not None and self._proc.pid == pid:
-            self._proc.poll()  # reaps our child if it died, so it reads as gone
-        try:
-            proc = psutil.Process(pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            cmdline = proc.cmdline()
-        except psutil.Error:
-            return None
-        if MAIN_CLASS in cmdline and str(self.properties_path) in cmdline:
-            return proc
-        return None
-
     def is_running(self) -> bool:
-        if self._our_process() is not None:
-            return True
-        if self.pid_path.exists():
-            self._forget_pid()  # stale: its process is gone or is someone else's
-        return False
+        """True when any node runs (a cluster with a node down is still running)."""
+        return any([node.is_running() for node in self.nodes])
 
     def status(self) -> BrokerStatus:
-        proc = self._our_process()
-        if proc is None and self.pid_path.exists():
-            self._forget_pid()
-        topics = (self._list_topics(5.0) or {}) if proc is not None else {}
+        nodes = []
+        for node in self.nodes:
+            proc = node.process()
+            if proc is None and node.pid_path.exists():
+                node.forget_pid()
+            nodes.append(
+                NodeStatus(
+                    node.node_id,
+                    proc is not None,
+                    proc.pid if proc is not None else None,
+                    node.port,
+                    node.controller_port,
+                )
+            )
+        live = [n for n in nodes if n.running]
+        metadata = _metadata(self.bootstrap, 5.0) if live else None
+        topics: dict[str, int] = {}
+        under: list[str] = []
+        if metadata is not None:
+            for name, topic in sorted(metadata.topics.items()):
+                if not name.startswith("__"):
+                    topics[name] = len(topic.partitions)
+                under += [
+                    f"{name}[{p.id}]"
+                    for p in topic.partitions.values()
+                    if p.leader < 0 or len(p.isrs) < len(p.replicas)
+                ]
         return BrokerStatus(
-            running=proc is not None,
-            pid=proc.pid if proc is not None else None,
+            running=bool(live),
+            pid=nodes[0].pid if nodes[0].running else (live[0].pid if live else None),
             port=self.settings.broker_port,
             bootstrap=self.bootstrap,
             kafka_version=self.kafka_version,
             log_path=self.log_path,
             topics=topics,
+            nodes=nodes,
+            under_replicated=under,
         )
 
-    def _list_topics(self, timeout: float) -> dict[str, int] | None:
-        """Topic -> partition count, internal topics left out; None if unreachable."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        try:
-            metadata = admin.list_topics(timeout=timeout)
-        except KafkaException:
-            return None
-        return {
-            name: len(topic.partitions)
-            for name, topic in sorted(metadata.topics.items())
-            if not name.startswith("__")
-        }
+
+def _metadata(bootstrap: str, timeout: float) -> Any | None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        return admin.list_topics(timeout=timeout)
+    except KafkaException:
+        return None
+
+
+def _list_topics(bootstrap: str, timeout: float) -> dict[str, int] | None:
+    """Topic -> partition count, internal topics left out; None if unreachable."""
+    metadata = _metadata(bootstrap, timeout)
+    if metadata is None:
+        return None
+    return {
+        name: len(topic.partitions)
+        for name, topic in sorted(metadata.topics.items())
+        if not name.startswith("__")
+    }

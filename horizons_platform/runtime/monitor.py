@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import KafkaException
 
 from horizons_platform import events as ev
-from horizons_platform.kafka.admin import PartitionLag, group_lag
+from horizons_platform.kafka.admin import PartitionLag, group_lag, under_replicated
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.runtime.publications import enqueue, enqueue_audit, publish_now
 from horizons_platform.services import health_rules as rules
@@ -54,6 +54,14 @@ def collect_snapshot(
     lags: list[PartitionLag] = []
     try:
         lags = group_lag(settings, group_topics(settings), timeout=5.0)
+        partitions = under_replicated(settings, list(settings.topic_partitions()))
+        snap.under_replicated = len(partitions)
+        if partitions:
+            log.warning(
+                "health: %d under-replicated partition(s): %s",
+                len(partitions),
+                ", ".join(partitions[:6]),
+            )
     except (KafkaException, RuntimeError) as exc:
         log.warning("health: cannot measure lag, broker unreachable? %s", exc)
         snap.broker_reachable = False
@@ -100,6 +108,7 @@ def lag_signal_rows(snap: rules.Snapshot, lags: list[PartitionLag]) -> list[dict
         }
 
     out = [row(None, None, None, "broker_reachable", 1.0 if snap.broker_reachable else 0.0)]
+    out.append(row(None, None, None, "under_replicated", snap.under_replicated))
     for group, messages in snap.lag_messages.items():
         out.append(row(group, None, None, "lag_messages", messages))
         out.append(row(group, None, None, "lag_seconds", snap.lag_seconds.get(group, 0.0)))

@@ -16,6 +16,9 @@ CONSUMER_LAG_SECONDS = "consumer_lag_seconds"
 HANDLER_ERROR_RATE = "handler_error_rate"
 DEAD_LETTER_RATE = "dead_letter_rate"
 BROKER_UNREACHABLE = "broker_unreachable"
+# Partitions of the platform's topics with fewer in-sync replicas than replicas (or no
+# leader): the cluster lost or is rebuilding a node; one more loss may stop writes.
+UNDER_REPLICATED = "under_replicated_partitions"
 JOB_FAILURES = "job_failures"
 # Notifications failed for good, or claimed and never finished (a stuck sender).
 NOTIFICATIONS_UNDELIVERED = "notifications_undelivered"
@@ -64,6 +67,7 @@ class Snapshot:
     job_failures: float = 0
     notifications_undelivered: float = 0
     broker_reachable: bool = True
+    under_replicated: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,17 @@ def evaluate(
             not snap.broker_reachable,
         )
     )
+    if snap.broker_reachable:  # unreachable: nothing is known about the replicas
+        out.append(
+            Evaluation(
+                UNDER_REPLICATED,
+                "kafka",
+                float(snap.under_replicated),
+                0.0,
+                "warning",
+                snap.under_replicated > 0,
+            )
+        )
     for group, lag in sorted(snap.lag_messages.items()):
         out.append(
             Evaluation(

@@ -319,8 +319,14 @@ MIGRATIONS: list[tuple[int, str]] = [
 ]
 
 
+class SchemaTooNew(RuntimeError):
+    """The file was migrated by a newer version of the platform than this one."""
+
+
 def migrate(con: duckdb.DuckDBPyConnection) -> int:
-    """Apply pending migrations; returns the schema version afterwards."""
+    """Apply pending migrations; returns the schema version afterwards. A file migrated
+    by a newer version is refused: this code would write rows its tables no longer fit
+    (a rollback after an upgrade restores the backup taken before it; docs/runbook.md)."""
     # No function defaults anywhere (applied_at is set explicitly): a column with
     # DEFAULT now() makes a Quack 1.5.5 client's ATTACH fail with 'Catalog "…" does not
     # exist' (docs/decisions.md). Files made before that lose the default here.
@@ -332,6 +338,14 @@ def migrate(con: duckdb.DuckDBPyConnection) -> int:
     current = int(
         con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations").fetchall()[0][0]
     )
+    known = max(version for version, _ in MIGRATIONS)
+    if current > known:
+        raise SchemaTooNew(
+            f"this store is at schema version {current}, written by a newer Horizons "
+            f"Platform; this version knows up to {known}. Run the newer version, or roll "
+            "back by restoring the copy of the file taken before the upgrade "
+            "(docs/runbook.md, Staged rollout)."
+        )
     for version, sql in MIGRATIONS:
         if version <= current:
             continue

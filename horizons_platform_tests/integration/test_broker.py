@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from horizons_bench.harness import free_port_block
 from horizons_platform.kafka.broker import BrokerError, EmbeddedBroker
 from horizons_platform.settings import Settings
 from horizons_platform_tests.support import free_port
@@ -129,3 +132,66 @@ def test_broker_exiting_early_reports_its_log(tmp_path: Path) -> None:
         broker.start(progress=lambda _: None)
     assert not broker.pid_path.exists()
     assert jvms_using(broker.data_dir) == []
+
+
+def test_topics_take_the_session_clusters_replication(
+    settings: Settings, pytestconfig: pytest.Config
+) -> None:
+    # With --brokers 3 every scenario runs on three replicas, two of them in sync for a
+    # write; on one node, on one. (A silently single-replica "cluster run" proves nothing.)
+    if os.environ.get("HORIZONS_KAFKA_BOOTSTRAP"):
+        pytest.skip("an external cluster decides its own replication")
+    brokers = pytestconfig.getoption("brokers")
+    admin = AdminClient({"bootstrap.servers": settings.bootstrap})
+    meta = admin.list_topics(timeout=10)
+    assert len(meta.brokers) == brokers
+    topic = meta.topics[settings.topic_job_lifecycle]
+    assert {len(p.replicas) for p in topic.partitions.values()} == {min(3, brokers)}
+    resource = ConfigResource(ConfigResource.Type.TOPIC, settings.topic_job_lifecycle)
+    config = admin.describe_configs([resource])[resource].result(timeout=10)
+    assert config["min.insync.replicas"].value == ("2" if brokers >= 3 else "1")
+
+
+@pytest.mark.slow  # three JVMs started and stopped through the CLI: ~30 s
+def test_cluster_commands_start_inspect_kill_restart_stop(tmp_path: Path) -> None:
+    port = free_port_block(6)
+    env = {
+        **os.environ,
+        "HORIZONS_VAR_DIR": str(tmp_path),
+        "HORIZONS_BROKER_PORT": str(port),
+    }
+    env.pop("HORIZONS_KAFKA_BOOTSTRAP", None)
+    env.pop("HORIZONS_BROKER_COUNT", None)
+
+    def horizons(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "horizons_platform.cli", "broker", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+
+    try:
+        started = horizons("start", "--brokers", "3")
+        assert started.returncode == 0, started.stderr
+        assert "HORIZONS_BROKER_COUNT=3" in started.stdout  # tells the user what to export
+        # Later commands find the cluster without --brokers.
+        status = horizons("status")
+        assert status.returncode == 0, status.stdout
+        assert (
+            status.stdout.count(" up ") == 3 and "under-replicated partitions: 0" in status.stdout
+        )
+
+        assert horizons("kill", "2").returncode == 0
+        down = horizons("status")
+        assert down.returncode == 1 and "DOWN" in down.stdout
+        assert horizons("kill", "4").returncode == 1  # no such node: a clear error
+        assert horizons("restart", "2").returncode == 0
+        back = horizons("status")
+        assert "DOWN" not in back.stdout
+    finally:
+        stopped = horizons("stop")
+    assert stopped.returncode == 0 and "broker stopped" in stopped.stdout
+    assert jvms_using(tmp_path / "broker") == []

@@ -19,7 +19,8 @@ _email = st.builds(
     st.from_regex(r"[a-z0-9][a-z0-9._+-]{0,15}[a-z0-9]", fullmatch=True).filter(
         lambda u: ".." not in u
     ),
-    st.from_regex(r"[a-z][a-z0-9-]{0,12}[a-z0-9]", fullmatch=True),
+    # "ab--…" is reserved for Punycode (IDNA): email-validator refuses such a domain label.
+    st.from_regex(r"[a-z][a-z0-9-]{0,12}[a-z0-9]", fullmatch=True).filter(lambda d: "--" not in d),
     st.sampled_from(["org", "edu", "example", "observatory"]),
 )
 _json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53), _text)

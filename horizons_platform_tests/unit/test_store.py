@@ -9,13 +9,14 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import duckdb
 import pytest
 
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreUnavailable
 from horizons_platform.store.client import Store
-from horizons_platform.store.schema import MIGRATIONS
+from horizons_platform.store.schema import MIGRATIONS, SchemaTooNew, migrate
 
 HOLD = """
 import duckdb, sys, time
@@ -38,6 +39,16 @@ def _store(tmp_path: Path, **overrides: object) -> Store:
     store = Store(Settings(var_dir=tmp_path, **overrides))  # type: ignore[arg-type]
     store.ensure_schema()
     return store
+
+
+def test_a_file_migrated_by_a_newer_version_is_refused(tmp_path: Path) -> None:
+    # An old standby promoted after an upgrade must not write into tables it does not know.
+    path = tmp_path / "newer.duckdb"
+    with duckdb.connect(str(path)) as con:
+        newest = migrate(con)
+        con.execute("INSERT INTO schema_migrations VALUES (?, now())", [newest + 1])
+        with pytest.raises(SchemaTooNew, match=rf"schema version {newest + 1}.*up to {newest}"):
+            migrate(con)
 
 
 def test_schema_is_migrated_once_and_versioned(tmp_path: Path) -> None:
