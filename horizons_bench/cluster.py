@@ -4,26 +4,83 @@ The same workload runs twice, each time on a private embedded cluster started fo
 one node (replication factor 1), then three nodes (replication factor 3,
 min.insync.replicas 2, every write acknowledged by two replicas). Each time the
 orchestrator produces the events flat out (acks=all), then one consumer host with all
-four services reads them into a fresh DuckDB file and the store is verified.
+four services reads them into a fresh DuckDB file and the store is verified. As a
+reference, Kafka alone: a bare confluent-kafka producer (acks=all, idempotent) and
+consumer on a topic of the same cluster, produce → consume latency at 200 messages/s.
 """
 
 from __future__ import annotations
 
 import shutil
+import threading
+import time
+import uuid
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
 
 from horizons_bench.harness import BenchContext, dedicated_broker
 from horizons_bench.ingest import produce, run_host_to_end
 from horizons_bench.report import BenchResult, Figure
 from horizons_bench.smtp import SmtpSink
+from horizons_bench.stats import summary_ms
 from horizons_platform.settings import SERVICE_GROUPS
 
 SIZES = (1, 3)
+REFERENCE_RATE = 200.0  # messages/s: the contract's scenario 12 rate
+REFERENCE_SECONDS = 10.0
+
+
+def kafka_latency(bootstrap: str, replicas: int) -> dict[str, float | int | None]:
+    """Produce → consume latency of Kafka alone on a fresh topic (what the platform's own
+    latency on this cluster should be compared with)."""
+    topic = f"bench-reference-{uuid.uuid4().hex[:6]}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    config = {"min.insync.replicas": "2"} if replicas >= 3 else {}
+    admin.create_topics([NewTopic(topic, 6, replicas, config=config)])[topic].result(30)
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": topic,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 20,
+        }
+    )
+    consumer.subscribe([topic])
+    latencies: list[float] = []
+    total = int(REFERENCE_RATE * REFERENCE_SECONDS)
+
+    def consume() -> None:
+        deadline = time.monotonic() + REFERENCE_SECONDS + 30
+        while len(latencies) < total and time.monotonic() < deadline:
+            for msg in consumer.consume(500, 0.1):
+                if msg.error() is None and msg.value():
+                    latencies.append(time.time() - float(msg.value() or b"0"))
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    try:
+        started = time.monotonic()
+        for i in range(total):
+            producer.produce(topic, key=str(i), value=repr(time.time()))
+            producer.poll(0)
+            delay = started + (i + 1) / REFERENCE_RATE - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)  # pacing the producer, not synchronisation
+        producer.flush(30)
+        reader.join(REFERENCE_SECONDS + 30)
+    finally:
+        consumer.close()
+        admin.delete_topics([topic])
+    return summary_ms(latencies)
 
 
 def run(ctx: BenchContext, events: int = 100_000, seed: int = 7) -> BenchResult:
     result = BenchResult("cluster", params={"events": events, "brokers": list(SIZES), "seed": seed})
     produce_rate: dict[int, float] = {}
     e2e_rate: dict[int, float | None] = {}
+    latency: dict[int, dict[str, float | int | None]] = {}
     for n in SIZES:
         data = ctx.run_dir / f"cluster-{n}"
         with dedicated_broker(ctx.base, data, ctx.progress, brokers=n) as broker:
@@ -42,6 +99,7 @@ def run(ctx: BenchContext, events: int = 100_000, seed: int = 7) -> BenchResult:
                     replication_factor=min(3, n),
                     min_insync_replicas=2 if n >= 3 else 1,
                 )
+                reference = kafka_latency(broker.bootstrap, min(3, n))
                 ledger, seconds = produce(sub, settings, events, seed)
                 host_run = run_host_to_end(
                     sub, settings, ledger, SERVICE_GROUPS, f"all four on {n} broker(s)", 1800.0
@@ -64,6 +122,15 @@ def run(ctx: BenchContext, events: int = 100_000, seed: int = 7) -> BenchResult:
         )
         for group in SERVICE_GROUPS:
             result.add(Figure(f"  {group}, {n} broker(s)", host_run.rate(group), "events/s"))
+        result.add(
+            Figure(
+                f"reference: Kafka alone, produce → consume p99, {n} broker(s)",
+                reference["p99_ms"],
+                "ms",
+                note=f"p50 {reference['p50_ms']} ms at {REFERENCE_RATE:.0f} msg/s, acks=all",
+            )
+        )
+        latency[n] = reference
         if not host_run.verification.ok:
             result.passed = False
             result.notes.append(f"{n} broker(s): " + "; ".join(host_run.verification.problems()))
@@ -73,5 +140,9 @@ def run(ctx: BenchContext, events: int = 100_000, seed: int = 7) -> BenchResult:
     e1, e3 = e2e_rate.get(1), e2e_rate.get(3)
     if e1 and e3:
         result.notes.append(f"end to end: 3 brokers ÷ 1 broker = {e3 / e1:.2f}×")
-    result.details = {"produce_rate": produce_rate, "e2e_rate": e2e_rate}
+    result.details = {
+        "produce_rate": produce_rate,
+        "e2e_rate": e2e_rate,
+        "kafka_alone_latency": latency,
+    }
     return result

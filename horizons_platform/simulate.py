@@ -7,6 +7,7 @@ interleaves many jobs' steps at a target event rate, like a busy telescope backe
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -131,13 +132,17 @@ def run_simulation(
     rate: float = 0.0,
     seed: int = 7,
     progress: Callable[[int, int], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
-    """Publish every step; ``rate`` is events/s (0 = as fast as the broker takes them)."""
+    """Publish every step; ``rate`` is events/s (0 = as fast as the broker takes them).
+    ``stop`` ends it early (a stream that lasts as long as something else)."""
     rng = random.Random(seed)
     total = sum(len(j.steps()) for j in jobs)
     start = time.monotonic()
     sent = 0
     for job, step in interleave(jobs, seed):
+        if stop is not None and stop.is_set():
+            break
         apply_step(orch, job, step, rng)
         sent += 1
         if rate > 0:

@@ -287,6 +287,10 @@ def _server_properties(node_id: int, nodes: list[tuple[int, int]], log_dir: Path
         props["broker.session.timeout.ms"] = "3000"
         props["broker.heartbeat.interval.ms"] = "1000"
         props["replica.lag.time.max.ms"] = "10000"
+        # acks=all waits for the followers' next fetch; at the default 500 ms the p99 of
+        # produce → consume was 536 ms here, at 100 ms 141 ms (idle CPU: 20 → 33 % of
+        # a core for the three nodes; 50 ms cost 52 % for no better p99).
+        props["replica.fetch.wait.max.ms"] = "100"
     header = "# Written by horizons_platform.kafka.broker on every start; edits are lost.\n"
     return header + "".join(f"{key}={value}\n" for key, value in props.items())
 
