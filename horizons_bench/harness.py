@@ -9,13 +9,14 @@ other's events and leave the user's ``var/horizons.duckdb`` alone.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shutil
 import socket
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +84,16 @@ def settings_env(settings: Settings) -> dict[str, str]:
             value = value.get_secret_value()
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
         env[f"HORIZONS_{name.upper()}"] = text
+    return env
+
+
+def subprocess_env(settings: Settings, **extra: object) -> dict[str, str]:
+    """The environment of a `horizons` subprocess that must run with ``settings``: this
+    process's environment without its own HORIZONS_* variables (they would leak into the
+    child), ``settings`` as HORIZONS_*, then ``extra`` settings (``name=value``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HORIZONS_")}
+    env.update(settings_env(settings))
+    env.update({f"HORIZONS_{k.upper()}": str(v) for k, v in extra.items()})
     return env
 
 
@@ -247,17 +258,3 @@ def bench_context(
             yield ctx
         finally:
             ctx.cleanup()
-
-
-def wait_until(
-    condition: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = ""
-) -> Any:
-    """Poll until ``condition()`` is truthy; raise TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what or condition}")
-        time.sleep(interval)

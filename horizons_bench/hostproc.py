@@ -7,7 +7,6 @@ real crash, and the benchmark's own producing and measuring never share its GIL.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import psutil
 
-from horizons_bench.harness import settings_env
+from horizons_bench.harness import subprocess_env
 from horizons_platform.settings import Settings
 
 READY_LINE = "consumers ready"
@@ -55,7 +54,7 @@ class HostProcess:
         command = [sys.executable, "-m", "horizons_platform.cli", "consume"]
         for group in self.groups or ():
             command += ["--service", group]
-        env = {**os.environ, **settings_env(self.settings), **self.extra_env}
+        env = {**subprocess_env(self.settings), **self.extra_env}
         env["PYTHONUNBUFFERED"] = "1"
         # A native crash (librdkafka, DuckDB) then leaves every thread's Python stack in
         # the host log instead of a bare "exit -11".

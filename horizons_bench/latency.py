@@ -23,7 +23,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from horizons_bench.harness import BenchContext, wait_until
+from horizons_bench.harness import BenchContext
 from horizons_bench.hostproc import HostProcess
 from horizons_bench.offsets import TP, OffsetProbe
 from horizons_bench.report import BenchResult, Figure, Target
@@ -34,6 +34,7 @@ from horizons_platform import events as ev
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.client import Store
+from horizons_platform.waiting import wait_until
 
 STORED_TARGET = Target("le", 150)
 EMAIL_TARGET = Target("le", 500)

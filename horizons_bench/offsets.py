@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka.admin import AdminClient
 
+from horizons_platform.kafka.admin import end_offsets
 from horizons_platform.settings import Settings
 
 TP = tuple[str, int]
@@ -88,13 +89,7 @@ class OffsetProbe:
         return _retrying(lambda: self._end_offsets(timeout), self._new_client)
 
     def _end_offsets(self, timeout: float) -> dict[TP, int]:
-        request = {
-            TopicPartition(t, p): OffsetSpec.latest()
-            for tps in self.partitions.values()
-            for t, p in tps
-        }
-        futures = self.admin.list_offsets(request, request_timeout=timeout)
-        return {(tp.topic, tp.partition): f.result(timeout).offset for tp, f in futures.items()}
+        return end_offsets(self.settings, list(self.partitions), timeout, admin=self.admin)
 
     def committed(self, group: str, timeout: float = 10.0) -> dict[TP, int]:
         """Committed offsets of ``group`` on its bench topics (0 where none yet)."""

@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from horizons_bench.harness import HOST, BenchContext, wait_until
+from horizons_bench.harness import HOST, BenchContext
 from horizons_bench.report import BenchResult, Figure, Target
 from horizons_platform.runtime.outbox import OutboxDispatcher
 from horizons_platform.services.notifications import message_id, notification_id
 from horizons_platform.store.owner import StoreOwner, free_port
+from horizons_platform.waiting import wait_until
 
 RATE_TARGET = Target("ge", 1000)  # e-mails/s to a loopback SMTP server, sustained
 

@@ -16,7 +16,7 @@ import threading
 import time
 from itertools import pairwise
 
-from horizons_bench.harness import BenchContext, settings_env, wait_until
+from horizons_bench.harness import BenchContext, settings_env
 from horizons_bench.hostproc import HostProcess
 from horizons_bench.latency import CommitWatcher
 from horizons_bench.offsets import OffsetProbe
@@ -25,6 +25,7 @@ from horizons_bench.smtp import SmtpSink
 from horizons_bench.workload import Ledger, LedgerPublisher, produce_jobs
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS
+from horizons_platform.waiting import wait_until
 
 GAP_TARGET = Target("le", 1000)  # ms: no group stalls > 1 s during any client query
 WARMUP_S = 5.0

@@ -1,4 +1,5 @@
-"""A real SMTP server (aiosmtpd) on loopback that records when each e-mail arrived.
+"""A real SMTP server (aiosmtpd) on loopback that records what arrived and when: the one
+SMTP server of the tests and the benchmarks.
 
 It can be stopped and started again on the same port, which is how the SMTP-outage
 fault is injected. ``SmtpSink(own_process=True)`` runs the server in a process of its
@@ -13,17 +14,21 @@ import argparse
 import atexit
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email import message_from_bytes
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult
 
 from horizons_bench.harness import HOST
 from horizons_platform.store.owner import free_port
@@ -41,14 +46,44 @@ class Received:
 
 
 class SmtpSink:
-    def __init__(self, port: int | None = None, own_process: bool = False) -> None:
+    """The SMTP server of the tests and the benchmarks. In process it keeps every message
+    (parsed), its recipients and its arrival time, and can refuse recipients
+    (``rcpt_policy``: address → an SMTP reply such as "550 no such user", None accepts),
+    offer STARTTLS (``tls_context``) and accept any AUTH (``auth``, also without TLS)."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        own_process: bool = False,
+        rcpt_policy: Callable[[str], str | None] | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        auth: bool = False,
+    ) -> None:
+        if own_process and (rcpt_policy or tls_context or auth):
+            raise ValueError("rcpt_policy, tls_context and auth need the in-process sink")
+        self.host = HOST
         self.port = port or free_port()
+        self.rcpt_policy = rcpt_policy
+        self.tls_context = tls_context
+        self.auth = auth
         self.received: list[Received] = []
+        self.messages: list[Message] = []  # in process only
+        self.recipients: list[str] = []  # every RCPT TO of every message (in process only)
         self._lock = threading.Lock()
         self._controller: Controller | None = None
         self._own_process = own_process
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: Any
+    ) -> str:
+        reply = self.rcpt_policy(address) if self.rcpt_policy else None
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         at = time.time()
@@ -62,12 +97,22 @@ class SmtpSink:
                     str(msg["Subject"]),
                 )
             )
+            self.messages.append(msg)
+            self.recipients.extend(envelope.rcpt_tos)
         return "250 OK"
 
     def start(self) -> SmtpSink:
         if self._own_process:
             return self._start_process()
-        self._controller = Controller(self, hostname=HOST, port=self.port)
+        extra: dict[str, Any] = {}
+        if self.tls_context is not None:
+            extra["tls_context"] = self.tls_context
+        if self.auth:
+            extra.update(
+                authenticator=lambda *args: AuthResult(success=True),
+                auth_require_tls=False,
+            )
+        self._controller = Controller(self, hostname=HOST, port=self.port, **extra)
         self._controller.start()
         return self
 
@@ -106,6 +151,17 @@ class SmtpSink:
 
     def distinct(self) -> int:
         return len({r.message_id for r in self.snapshot()})
+
+    def message_ids(self) -> list[str]:
+        return [r.message_id for r in self.snapshot()]
+
+    @property
+    def received_at(self) -> list[float]:
+        return [r.at for r in self.snapshot()]
+
+    def for_job(self, job_id: str) -> list[Message]:
+        with self._lock:
+            return [m for m in self.messages if job_id in str(m["Subject"])]
 
     def _read_log(self) -> None:
         assert self._log is not None

@@ -15,12 +15,14 @@ import psutil
 import pytest
 
 from horizons_bench.harness import embedded_settings
+from horizons_bench.smtp import SmtpSink
 from horizons_platform.host import Host
 from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.client import Store
-from horizons_platform_tests.support import SmtpSink, free_port, unique_topics
+from horizons_platform.store.owner import free_port
+from horizons_platform_tests.support import unique_topics
 
 
 def _broker_jvms(data_dir: Path) -> list[psutil.Process]:

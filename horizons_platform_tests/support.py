@@ -1,10 +1,11 @@
-"""Helpers shared by the tests: free ports, waiting on conditions, an SMTP sink, reading
-topics. No mocks here — everything talks to real servers on 127.0.0.1."""
+"""Helpers only the tests need: topics of their own, reading a topic, the `horizons`
+command line and consumer hosts as subprocesses, an audit trail recorded in the past.
+What the benchmarks need too lives beside them in horizons_bench (the SMTP sink, host
+subprocesses and their environment, free port blocks) or in the platform (free_port,
+wait_until, end_offsets). No mocks here — everything talks to real servers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import os
-import ssl
 import subprocess
 import sys
 import threading
@@ -12,36 +13,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import datetime
-from email import message_from_bytes
-from email.message import Message
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import AuthResult
 from confluent_kafka import Consumer, TopicPartition
 
+from horizons_bench.harness import subprocess_env
+from horizons_bench.hostproc import HostProcess
 from horizons_platform.kafka.admin import watermarks
 from horizons_platform.settings import Settings
-from horizons_platform.store.owner import free_port  # the tests' too
-
-T = TypeVar("T")
-
-
-def wait_for(
-    condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = ""
-) -> T:
-    """Poll ``condition`` until it returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: T = condition()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what or condition}")
-        time.sleep(interval)
-        last = condition()
-    return last
 
 
 def unique_topics(prefix: str | None = None) -> dict[str, str]:
@@ -54,66 +35,6 @@ def unique_topics(prefix: str | None = None) -> dict[str, str]:
         "topic_system_health": f"system-health-{tag}",
         "topic_dlq": f"horizons-dlq-{tag}",
     }
-
-
-@dataclass
-class SmtpSink:
-    """A real SMTP server (aiosmtpd) on loopback that keeps what it received."""
-
-    host: str = "127.0.0.1"
-    port: int = field(default_factory=free_port)
-    messages: list[Message] = field(default_factory=list)
-    received_at: list[float] = field(default_factory=list)
-    recipients: list[str] = field(default_factory=list)  # every RCPT TO of every message
-    # address → SMTP reply for RCPT TO (e.g. "550 no such user"); None accepts it.
-    rcpt_policy: Callable[[str], str | None] | None = None
-    tls_context: ssl.SSLContext | None = None  # offer STARTTLS with this certificate
-    auth: bool = False  # accept AUTH PLAIN/LOGIN (any password), also without TLS
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _controller: Controller | None = None
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: Any
-    ) -> str:
-        reply = self.rcpt_policy(address) if self.rcpt_policy else None
-        if reply is not None:
-            return reply
-        envelope.rcpt_tos.append(address)
-        return "250 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        msg = message_from_bytes(envelope.content)
-        with self._lock:
-            self.messages.append(msg)
-            self.received_at.append(time.time())
-            self.recipients.extend(envelope.rcpt_tos)
-        return "250 OK"
-
-    def start(self) -> SmtpSink:
-        extra: dict[str, Any] = {}
-        if self.tls_context is not None:
-            extra["tls_context"] = self.tls_context
-        if self.auth:
-            extra.update(
-                authenticator=lambda *args: AuthResult(success=True),
-                auth_require_tls=False,
-            )
-        self._controller = Controller(self, hostname=self.host, port=self.port, **extra)
-        self._controller.start()
-        return self
-
-    def stop(self) -> None:
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
-
-    def message_ids(self) -> list[str]:
-        with self._lock:
-            return [str(m["Message-ID"]) for m in self.messages]
-
-    def for_job(self, job_id: str) -> list[Message]:
-        with self._lock:
-            return [m for m in self.messages if job_id in str(m["Subject"])]
 
 
 def read_topic(settings: Settings, topic: str, timeout: float = 10.0) -> list[Any]:
@@ -147,51 +68,11 @@ def read_topic(settings: Settings, topic: str, timeout: float = 10.0) -> list[An
         consumer.close()
 
 
-def end_offsets(settings: Settings, topic: str) -> dict[int, int]:
-    consumer = Consumer(settings.kafka_config(**{"group.id": "test-watermarks"}))
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        return {
-            p: watermarks(consumer, TopicPartition(topic, p), time.monotonic() + 10)[1]
-            for p in meta.partitions
-        }
-    finally:
-        consumer.close()
-
-
 @contextmanager
 def running(target: Callable[[], Any]) -> Iterator[threading.Thread]:
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     yield thread
-
-
-_ENV_FIELDS = (
-    "kafka_bootstrap",
-    "duckdb_path",
-    "audit_signing_key_file",
-    "smtp_port",
-    "store_port",
-    "metrics_port",
-    "group_instance_id",
-    "var_dir",
-    "topic_job_lifecycle",
-    "topic_job_metrics",
-    "topic_audit_trail",
-    "topic_system_health",
-    "topic_dlq",
-)
-
-
-def consumer_env(settings: Settings, **extra: object) -> dict[str, str]:
-    """The environment of a `horizons consume` process using ``settings`` (plus ``extra``)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HORIZONS_")}
-    for name in _ENV_FIELDS:
-        value = getattr(settings, name)
-        if value is not None:
-            env[f"HORIZONS_{name.upper()}"] = str(value)
-    env.update({f"HORIZONS_{k.upper()}": str(v) for k, v in extra.items()})
-    return env
 
 
 def horizons(
@@ -200,7 +81,7 @@ def horizons(
     """Run the `horizons` command line as a user would, with ``settings`` as HORIZONS_*."""
     return subprocess.run(
         [sys.executable, "-m", "horizons_platform.cli", *args],
-        env=consumer_env(settings),
+        env=subprocess_env(settings),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -212,16 +93,12 @@ def horizons(
 def start_consumer(
     settings: Settings, log: Path, *, services: Sequence[str] = (), **extra: object
 ) -> subprocess.Popen[bytes]:
-    """`horizons consume` (``services``, default all four) as a real process, output
-    appended to ``log``."""
-    chosen = [arg for name in services for arg in ("--service", name)]
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "horizons_platform.cli", "consume", *chosen],
-            env=consumer_env(settings, **extra),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    """`horizons consume` (``services``, default all four) as a real process, started as
+    the benchmarks start theirs, output appended to ``log``; ``extra`` are settings."""
+    env = {f"HORIZONS_{k.upper()}": str(v) for k, v in extra.items()}
+    host = HostProcess(settings, log, tuple(services) or None, env).start()
+    assert host.proc is not None
+    return host.proc
 
 
 def record_in_the_past(

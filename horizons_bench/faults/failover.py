@@ -18,10 +18,11 @@ import time
 from datetime import datetime
 
 from horizons_bench.faults.common import Check, FaultOutcome, FaultRun
-from horizons_bench.harness import BenchContext, wait_until
+from horizons_bench.harness import BenchContext
 from horizons_bench.hostproc import HostProcess
 from horizons_bench.smtp import SmtpSink
 from horizons_bench.stats import summary_ms
+from horizons_platform.waiting import wait_until
 
 STANDBY_LINE = "standby:"
 TOOK_OVER = re.compile(r"took over the store .* after ([\d.]+)s as standby")

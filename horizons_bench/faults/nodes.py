@@ -15,11 +15,12 @@ import time
 from typing import Any
 
 from horizons_bench.faults.common import Check, FaultOutcome, FaultRun
-from horizons_bench.harness import BenchContext, dedicated_broker, wait_until
+from horizons_bench.harness import BenchContext, dedicated_broker
 from horizons_bench.smtp import SmtpSink
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.services.health_rules import UNDER_REPLICATED
 from horizons_platform.store.client import Store
+from horizons_platform.waiting import wait_until
 
 NODES = 3
 ALERT_SQL = (

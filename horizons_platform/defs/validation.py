@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 
 import dagster as dg
 import psutil
-from confluent_kafka import Consumer, TopicPartition
 
 from horizons_platform import events as ev
+from horizons_platform import waiting
 from horizons_platform.defs.resources import DuckDBStore, HorizonsSettings, KafkaPublisher
+from horizons_platform.kafka.admin import end_offsets
 from horizons_platform.kafka.producer import Delivery
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.registry import group_topics
@@ -40,29 +41,10 @@ POLL_S = 0.2  # how often a validation run reads DuckDB while it waits
 
 def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
     """Poll until ``condition`` is truthy; fail the op, naming ``what``, at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise dg.Failure(description=f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(interval)
-
-
-def end_offsets(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
-    """Kafka's current end offset of every partition of ``topics``."""
-    consumer = Consumer(settings.kafka_config(**{"group.id": "horizons-validation-watermarks"}))
     try:
-        meta = consumer.list_topics(timeout=10).topics
-        return {
-            (t, p): consumer.get_watermark_offsets(TopicPartition(t, p), timeout=10)[1]
-            for t in topics
-            if t in meta
-            for p in meta[t].partitions
-        }
-    finally:
-        consumer.close()
+        return waiting.wait_until(condition, timeout, what, interval)
+    except TimeoutError as exc:
+        raise dg.Failure(description=str(exc)) from None
 
 
 @dataclass

@@ -12,7 +12,7 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 
 from horizons_platform.settings import Settings
 
@@ -104,6 +104,28 @@ def topic_partitions(settings: Settings, admin: AdminClient | None = None) -> di
         for name, t in meta.topics.items()
         if not name.startswith("__") and t.error is None
     }
+
+
+def end_offsets(
+    settings: Settings,
+    topics: list[str],
+    timeout: float = 10.0,
+    admin: AdminClient | None = None,
+) -> dict[tuple[str, int], int]:
+    """Kafka's end offset (the next offset to be written) of every partition of ``topics``
+    that exists; ``admin`` reuses a client across calls."""
+    admin = admin or admin_client(settings)
+    meta = admin.list_topics(timeout=timeout).topics
+    request = {
+        TopicPartition(t, p): OffsetSpec.latest()
+        for t in topics
+        if t in meta
+        for p in meta[t].partitions
+    }
+    if not request:
+        return {}
+    futures = admin.list_offsets(request, request_timeout=timeout)
+    return {(tp.topic, tp.partition): f.result(timeout).offset for tp, f in futures.items()}
 
 
 def under_replicated(settings: Settings, topics: list[str], timeout: float = 5.0) -> list[str]:

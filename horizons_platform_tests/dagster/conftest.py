@@ -16,17 +16,19 @@ from typing import Any
 import dagster as dg
 import pytest
 
+from horizons_bench.smtp import SmtpSink
 from horizons_platform.definitions import build_definitions
 from horizons_platform.defs.resources import build_resources
-from horizons_platform.defs.validation import Probe, end_offsets
+from horizons_platform.defs.validation import Probe
 from horizons_platform.host import Host
+from horizons_platform.kafka.admin import end_offsets
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.simulate import JobPlan, plan, run_simulation
 from horizons_platform.store.client import Store
+from horizons_platform.waiting import wait_until
 from horizons_platform_tests.conftest import make_settings
-from horizons_platform_tests.support import SmtpSink, wait_for
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -56,7 +58,7 @@ def caught_up(settings: Settings, timeout: float = 60.0) -> None:
     """Wait until every consumer group stored offsets up to the topics' current ends."""
     probe = Probe(Store(settings), settings)
     ends = end_offsets(settings, list(settings.topic_partitions()))
-    wait_for(
+    wait_until(
         lambda: not any(probe.behind(ends).values()),
         timeout=timeout,
         what="every consumer group to catch up",
@@ -95,7 +97,7 @@ def populated(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) ->
         )
         caught_up(settings)
         store = Store(settings)
-        wait_for(
+        wait_until(
             lambda: store.scalar("SELECT count(*) FROM notifications WHERE status <> 'sent'") == 0,
             timeout=30,
             what="every notification sent",

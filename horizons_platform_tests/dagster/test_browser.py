@@ -21,7 +21,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from horizons_platform_tests.support import free_port, unique_topics
+from horizons_platform.store.owner import free_port
+from horizons_platform_tests.support import unique_topics
 
 pytestmark = pytest.mark.browser
 

@@ -17,9 +17,10 @@ from horizons_platform.services.audit_check import check_trail
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
+from horizons_platform.waiting import wait_until
 from horizons_platform_tests.dagster.conftest import Populated, check_results, execute, run_job
 from horizons_platform_tests.dagster.test_checks import evaluate
-from horizons_platform_tests.support import read_topic, record_in_the_past, wait_for
+from horizons_platform_tests.support import read_topic, record_in_the_past
 
 OWNER = "henrietta@observatory.example"
 
@@ -74,7 +75,7 @@ def test_scenario_15_retention_by_recorded_at_removes_expired_keeps_the_rest(
             payload={"owner": OWNER, "job_type": "imaging"},
         )
         publisher.publish(settings.topic_job_lifecycle, event)
-    wait_for(
+    wait_until(
         lambda: _audited(store, "job_id LIKE 'fresh-%'") == 5,
         what="the auditor to record the fresh events",
     )
@@ -112,17 +113,17 @@ def test_auditing_continues_after_retention(
     host_factory(settings)
     orch = JobOrchestratorService(settings)
     orch.submit_job("fresh-3", owner=OWNER, job_type="imaging")
-    wait_for(lambda: _audited(store, "job_id = 'fresh-3'") == 1, what="audit")
+    wait_until(lambda: _audited(store, "job_id = 'fresh-3'") == 1, what="audit")
     assert run_job(settings, "retention_job", instance).success
     assert _audited(store, "job_id = 'expired-3'") == 0
     # The retention run's own audit record, then a new job, chain on after the gap.
     orch.start_job("fresh-3")
-    wait_for(
+    wait_until(
         lambda: _audited(store, "event_type = 'audit.record' AND payload LIKE '%retention.run%'"),
         timeout=10,
         what="the retention run's audit record",
     )
-    wait_for(lambda: _audited(store, "job_id = 'fresh-3'") == 2, timeout=10, what="new record")
+    wait_until(lambda: _audited(store, "job_id = 'fresh-3'") == 2, timeout=10, what="new record")
     chain = check_trail(store, settings, full=True)
     assert chain.ok, chain.summary()
 
@@ -135,7 +136,7 @@ def test_scenario_18_compliance_report_job(
         orch.submit_job(f"r-{i}", owner=OWNER, job_type="calibration")
         orch.start_job(f"r-{i}")
         orch.complete_job(f"r-{i}")
-    wait_for(lambda: _audited(store, "job_id LIKE 'r-%'") == 9, what="nine audited events")
+    wait_until(lambda: _audited(store, "job_id LIKE 'r-%'") == 9, what="nine audited events")
 
     result = run_job(settings, "compliance_report_job", instance)
     assert result.success

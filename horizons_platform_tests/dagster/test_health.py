@@ -15,13 +15,14 @@ from horizons_platform.services import health_rules as rules
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
+from horizons_platform.waiting import wait_until
 from horizons_platform_tests.dagster.conftest import (
     caught_up,
     check_results,
     resources,
     run_job,
 )
-from horizons_platform_tests.support import read_topic, wait_for
+from horizons_platform_tests.support import read_topic
 
 OWNER = "karl@observatory.example"
 ONE_PARTITION = {
@@ -139,7 +140,7 @@ def test_lag_over_threshold_fails_check_and_sensor_raises_once_then_recovers(
 
     # Consumers (without the monitor, so the sensor is the one to notice) drain the lag.
     host_factory(settings, NO_MONITOR)
-    wait_for(
+    wait_until(
         lambda: (
             {
                 r.tags["horizons/subject"]
@@ -174,14 +175,14 @@ def test_dead_letter_rate_breach_fails_check_and_error_rate_sensor_raises(
     for i in range(30):
         publisher.send(settings.topic_job_lifecycle, b"\x00not json %d" % i, key=f"bad-{i}")
     store = Store(settings)
-    wait_for(
+    wait_until(
         lambda: (
             store.scalar("SELECT count(DISTINCT consumer_group) FROM dead_letters")
             == len(NO_MONITOR)
         ),
         what="dead letters from every running group",
     )
-    wait_for(
+    wait_until(
         lambda: (
             (store.scalar("SELECT sum(value) FROM health_signals WHERE metric='dead_letters'") or 0)
             >= 30 * len(NO_MONITOR)
@@ -201,7 +202,7 @@ def test_dead_letter_rate_breach_fails_check_and_error_rate_sensor_raises(
     assert _tick(health.error_rate_sensor, settings, instance) == []
     assert all(_alerts(store).values()) and len(_alerts(store)) == 3
     # Scenario 17: each alert is logged to the audit trail — and the auditor stores it.
-    wait_for(
+    wait_until(
         lambda: (
             store.scalar(
                 "SELECT count(*) FROM audit_log WHERE event_type = 'audit.record' "

@@ -11,7 +11,7 @@ from horizons_platform.runtime.materializations import FED_TABLES, materializati
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
-from horizons_platform_tests.support import wait_for
+from horizons_platform.waiting import wait_until
 
 OWNER = "jocelyn@observatory.example"
 
@@ -42,12 +42,12 @@ def test_host_reports_fed_table_materializations(
             orch.start_job(f"m-{i}")
             orch.complete_job(f"m-{i}")
         store = Store(settings)
-        wait_for(
+        wait_until(
             lambda: _latest(instance, "job_events").get("dagster/row_count") == 9,
             what="job_events reported with 9 rows",
         )
         rows = store.scalar("SELECT count(*) FROM audit_log")
-        wait_for(
+        wait_until(
             lambda: _latest(instance, "audit_log").get("dagster/row_count") == rows,
             what="audit_log reported",
         )
@@ -56,7 +56,7 @@ def test_host_reports_fed_table_materializations(
         assert isinstance(meta["max_offset"], int) and "last_written_at" in meta
         assert _latest(instance, "jobs")["dagster/row_count"] == 3
         # The notifications group commits on its own (groups no longer take turns).
-        wait_for(
+        wait_until(
             lambda: _latest(instance, "notifications").get("dagster/row_count") == 3,
             what="notifications reported with 3 rows",
         )
@@ -88,11 +88,11 @@ def test_a_broken_dagster_instance_never_stops_ingestion(
             "still-ingested", owner=OWNER, job_type="imaging"
         )
         store = Store(settings)
-        wait_for(
+        wait_until(
             lambda: store.scalar("SELECT count(*) FROM job_events") == 1,
             what="ingestion despite the reporter's errors",
         )
-        wait_for(lambda: len(calls) >= 3, what="the reporter to keep retrying")
+        wait_until(lambda: len(calls) >= 3, what="the reporter to keep retrying")
     finally:
         host.stop()
         assert host.join(30) == 0

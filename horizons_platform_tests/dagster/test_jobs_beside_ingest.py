@@ -18,8 +18,9 @@ from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import Settings
 from horizons_platform.simulate import plan, run_simulation
 from horizons_platform.store.endpoint import read_owner
+from horizons_platform.waiting import wait_until
 from horizons_platform_tests.dagster.conftest import run_job
-from horizons_platform_tests.support import start_consumer, wait_for
+from horizons_platform_tests.support import start_consumer
 
 JOBS = ("compliance_report_job", "retention_job", "metrics_rollup_job", "checks_job")
 
@@ -29,7 +30,7 @@ def test_report_retention_and_checks_succeed_while_the_host_streams(
 ) -> None:
     host = start_consumer(settings, tmp_path / "host.log")
     try:
-        wait_for(lambda: read_owner(settings), timeout=60, what="the host serving the store")
+        wait_until(lambda: read_owner(settings), timeout=60, what="the host serving the store")
         probe = OffsetProbe(settings, group_topics(settings))
         orch = JobOrchestratorService(settings, recover=False, wait=False)
         stop = threading.Event()
@@ -40,7 +41,7 @@ def test_report_retention_and_checks_succeed_while_the_host_streams(
             daemon=True,
         )
         traffic.start()
-        wait_for(
+        wait_until(
             lambda: all(s.done for s in probe.snapshot().values()),
             timeout=60,
             what="every group committing",

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import dagster as dg
 
+from horizons_bench.smtp import SmtpSink
 from horizons_platform.host import Host
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
 from horizons_platform_tests.dagster.conftest import run_job
-from horizons_platform_tests.support import SmtpSink
 
 
 def _output(result: dg.ExecuteInProcessResult, op: str) -> dict[str, float]:

@@ -23,7 +23,8 @@ from horizons_platform.services.compliance import build_report, generate_report,
 from horizons_platform.services.signing import key_id, public_pem, sign_checkpoint
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
-from horizons_platform_tests.support import horizons, record_in_the_past, run_jobs, wait_for
+from horizons_platform.waiting import wait_until
+from horizons_platform_tests.support import horizons, record_in_the_past, run_jobs
 
 AUDITOR = "compliance-auditor"
 
@@ -40,7 +41,7 @@ def trail(
     expected = 0
     for round_ in range(4):
         expected += run_jobs(settings, f"t{round_}", 15)
-        wait_for(
+        wait_until(
             lambda n=expected: (
                 store.scalar("SELECT count(*) FROM audit_log WHERE job_id LIKE 't%'") == n
             ),
@@ -216,7 +217,7 @@ def test_retention_leaves_no_personal_data_older_than_the_period_in_any_table(
         )
     host_factory(settings)
     fresh = run_jobs(settings, "fresh", 3)
-    wait_for(
+    wait_until(
         lambda: store.scalar("SELECT count(*) FROM audit_log WHERE job_id LIKE 'fresh-%'") == fresh,
         60,
         what="fresh jobs",

@@ -17,7 +17,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from horizons_bench.harness import free_port_block
 from horizons_platform.kafka.broker import BrokerError, EmbeddedBroker
 from horizons_platform.settings import Settings
-from horizons_platform_tests.support import free_port
+from horizons_platform.store.owner import free_port
 
 
 def make_broker(tmp_path: Path, **overrides: object) -> EmbeddedBroker:

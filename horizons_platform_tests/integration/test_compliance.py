@@ -18,8 +18,9 @@ from horizons_platform.services.compliance import build_report, run_retention
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
+from horizons_platform.waiting import wait_until
 from horizons_platform_tests.integration.test_error_scenarios import ExplodingMetrics
-from horizons_platform_tests.support import horizons, record_in_the_past, wait_for
+from horizons_platform_tests.support import horizons, record_in_the_past
 
 OWNER = "henrietta@observatory.example"
 
@@ -42,7 +43,7 @@ def test_scenario_16_hash_covers_identity_and_changes_with_the_record(
     settings: Settings, host: Host, store: Store
 ) -> None:
     _lifecycle(settings, 5)
-    wait_for(
+    wait_until(
         lambda: store.scalar("SELECT count(*) FROM audit_log WHERE job_id LIKE 'c-%'") == 15,
         what="15 audit records",
     )
@@ -104,7 +105,7 @@ def test_scenario_17_high_error_rate_raises_an_alert_logged_to_the_audit_trail(
     orch.start_job("poison")
     orch.cancel_job("poison")
     orch.flush()
-    wait_for(lambda: store.scalar("SELECT count(*) FROM dead_letters") == 3, what="3 errors")
+    wait_until(lambda: store.scalar("SELECT count(*) FROM dead_letters") == 3, what="3 errors")
     loop.stop()
     thread.join(30)  # its counters are flushed to health_signals on stop
 
@@ -119,7 +120,7 @@ def test_scenario_17_high_error_rate_raises_an_alert_logged_to_the_audit_trail(
     assert store.scalar("SELECT count(*) FROM health_alerts WHERE rule='handler_error_rate'") == 1
 
     host_factory(settings, ("compliance-auditor",))  # type: ignore[operator]
-    wait_for(
+    wait_until(
         lambda: store.scalar(
             "SELECT count(*) FROM audit_log WHERE event_type = 'audit.record' "
             # Parenthesised: DuckDB 1.5 binds ->> looser than = and AND.
@@ -153,7 +154,7 @@ def test_scenario_15_and_18_retention_keeps_the_chain_and_the_report_is_complian
     )
     host = host_factory(settings)
     _lifecycle(settings, 3, prefix="new")
-    wait_for(
+    wait_until(
         lambda: store.scalar("SELECT count(*) FROM audit_log WHERE job_id IS NOT NULL") == 14,
         what="14 job records",
     )

@@ -11,12 +11,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from horizons_bench.smtp import SmtpSink
+from horizons_platform.kafka.admin import end_offsets
 from horizons_platform.services.audit import verify_store
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.simulate import plan, run_simulation
 from horizons_platform.store.client import Store
-from horizons_platform_tests.support import SmtpSink, end_offsets, start_consumer, wait_for
+from horizons_platform.waiting import wait_until
+from horizons_platform_tests.support import start_consumer
 
 KILLS = 6
 
@@ -56,7 +59,7 @@ def test_sigkill_during_a_20k_event_stream_loses_and_doubles_nothing(
     try:
         while kills < KILLS:
             # Let it get partitions and make some progress, then kill it mid-batch.
-            wait_for(
+            wait_until(
                 lambda k=kills: log.read_text().count("assigned") >= len(SERVICE_GROUPS) * (k + 1),
                 timeout=60,
                 what="consumers assigned",
@@ -69,12 +72,14 @@ def test_sigkill_during_a_20k_event_stream_loses_and_doubles_nothing(
         producer.join(60)
         assert not producer.is_alive()
         ends = {
-            t: sum(end_offsets(settings, t).values())
+            t: sum(end_offsets(settings, [t]).values())
             for t in (settings.topic_job_lifecycle, settings.topic_job_metrics)
         }
         assert sum(ends.values()) == expected_events
-        wait_for(lambda: _caught_up(store, settings, ends), timeout=120, what="consumers caught up")
-        wait_for(
+        wait_until(
+            lambda: _caught_up(store, settings, ends), timeout=120, what="consumers caught up"
+        )
+        wait_until(
             lambda: (
                 store.scalar("SELECT count(*) FROM notifications WHERE status = 'sent'") == terminal
             ),

@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+from horizons_bench.smtp import SmtpSink
 from horizons_platform.host import Host
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
-from horizons_platform_tests.support import SmtpSink, read_topic, wait_for
+from horizons_platform.waiting import wait_until
+from horizons_platform_tests.support import read_topic
 
 OWNER = "vera@observatory.example"
 
@@ -51,7 +53,7 @@ def test_scenario_1_full_lifecycle_reaches_all_consumers_within_5s(
             > 0
         )
 
-    wait_for(everything_arrived, timeout=5.0, interval=0.05, what="all four consumers")
+    wait_until(everything_arrived, timeout=5.0, interval=0.05, what="all four consumers")
     elapsed = time.monotonic() - started
     assert elapsed < 5.0
     assert _audited(store, "j-1") == [
@@ -73,8 +75,8 @@ def test_scenario_2_completion_processed_by_metrics_notification_and_audit(
     orch.complete_job("j-2")
     orch.publish_metrics("j-2", duration_s=60.0, queue_time_s=5.0, bytes_processed=10**9)
 
-    wait_for(lambda: smtp.for_job("j-2"), what="completion e-mail")
-    wait_for(
+    wait_until(lambda: smtp.for_job("j-2"), what="completion e-mail")
+    wait_until(
         lambda: _count(store, "SELECT count(*) FROM job_metrics WHERE job_id='j-2'"),
         what="metrics row",
     )
@@ -84,7 +86,7 @@ def test_scenario_2_completion_processed_by_metrics_notification_and_audit(
     )
     assert rows == [("completed", True, True)]
     _, rows = store.query("SELECT kind, status, recipient FROM notifications WHERE job_id='j-2'")
-    wait_for(
+    wait_until(
         lambda: store.query("SELECT 1 FROM notifications WHERE job_id='j-2' AND status='sent'")[1],
         what="sent status",
     )
@@ -102,14 +104,14 @@ def test_scenario_3_failure_handled_by_every_consumer_and_raises_alert(
     orch.start_job("j-3")
     orch.fail_job("j-3", error="node preempted", exit_code=137)
 
-    wait_for(lambda: smtp.for_job("j-3"), what="failure e-mail")
+    wait_until(lambda: smtp.for_job("j-3"), what="failure e-mail")
     assert "node preempted" in smtp.for_job("j-3")[0].get_payload()
-    wait_for(
+    wait_until(
         lambda: _count(store, "SELECT count(*) FROM jobs WHERE job_id='j-3' AND status='failed'"),
         what="jobs row failed",
     )
-    wait_for(lambda: "job.failed" in _audited(store, "j-3"), what="audit record")
-    wait_for(
+    wait_until(lambda: "job.failed" in _audited(store, "j-3"), what="audit record")
+    wait_until(
         lambda: _count(
             store,
             "SELECT count(*) FROM health_alerts WHERE rule='job_failures' AND resolved_at IS NULL",
@@ -131,16 +133,16 @@ def test_scenario_4_cancellation_reaches_every_subscriber(
     orch.submit_job("j-4", owner=OWNER, job_type="imaging")
     orch.cancel_job("j-4", reason="superseded", cancelled_by=OWNER)
 
-    wait_for(lambda: smtp.for_job("j-4"), what="cancellation e-mail")
+    wait_until(lambda: smtp.for_job("j-4"), what="cancellation e-mail")
     assert "superseded" in smtp.for_job("j-4")[0].get_payload()
-    wait_for(
+    wait_until(
         lambda: _count(
             store, "SELECT count(*) FROM jobs WHERE job_id='j-4' AND status='cancelled'"
         ),
         what="jobs row cancelled",
     )
-    wait_for(lambda: "job.cancelled" in _audited(store, "j-4"), what="audit record")
-    wait_for(
+    wait_until(lambda: "job.cancelled" in _audited(store, "j-4"), what="audit record")
+    wait_until(
         lambda: _count(
             store,
             "SELECT count(*) FROM job_events WHERE job_id='j-4' AND event_type='job.cancelled'",
@@ -148,7 +150,7 @@ def test_scenario_4_cancellation_reaches_every_subscriber(
         what="job_events row",
     )
     # The health monitor subscribes to job-lifecycle too: its offsets cover the event.
-    wait_for(
+    wait_until(
         lambda: (
             _count(
                 store,
@@ -187,7 +189,7 @@ def test_scenario_5_per_job_ordering(settings: Settings, host: Host, store: Stor
             "job.started",
             "job.completed",
         ]
-    wait_for(lambda: _count(store, "SELECT count(*) FROM job_events") == 9, what="9 job_events")
+    wait_until(lambda: _count(store, "SELECT count(*) FROM job_events") == 9, what="9 job_events")
     _, rows = store.query('SELECT job_id, "partition", "offset", event_type FROM job_events')
     stored: dict[str, list[tuple[int, int, str]]] = defaultdict(list)
     for job, part, off, etype in rows:

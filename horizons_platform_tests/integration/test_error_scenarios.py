@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from horizons_bench.smtp import SmtpSink
 from horizons_platform.host import Host
 from horizons_platform.kafka.admin import ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
@@ -20,14 +21,9 @@ from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.client import Store
-from horizons_platform_tests.support import (
-    SmtpSink,
-    free_port,
-    read_topic,
-    start_consumer,
-    unique_topics,
-    wait_for,
-)
+from horizons_platform.store.owner import free_port
+from horizons_platform.waiting import wait_until
+from horizons_platform_tests.support import read_topic, start_consumer, unique_topics
 
 OWNER = "jocelyn@observatory.example"
 
@@ -57,18 +53,18 @@ def test_scenario_6_a_throwing_handler_does_not_stop_the_consumer(
         orch.submit_job("poison", owner=OWNER, job_type="imaging")
         orch.start_job("poison")
         orch.submit_job("after", owner=OWNER, job_type="imaging")
-        wait_for(
+        wait_until(
             lambda: _rows(store, "SELECT count(*) FROM dead_letters")[0][0] == 2,
             what="two dead letters",
         )
-        wait_for(
+        wait_until(
             lambda: {r[0] for r in _rows(store, "SELECT job_id FROM jobs")} == {"before", "after"},
             what="the good jobs",
         )
         assert thread.is_alive()
         # The loop keeps consuming after the errors.
         orch.start_job("after")
-        wait_for(
+        wait_until(
             lambda: _rows(store, "SELECT status FROM jobs WHERE job_id='after'") == [("running",)],
             what="later event processed",
         )
@@ -108,7 +104,7 @@ def test_scenario_7_broker_loss_detected_consumers_shut_down_cleanly(
         s, log_path, broker_port=s.broker_port, broker_grace_s=4, smtp_port=smtp.port
     )
     try:
-        wait_for(
+        wait_until(
             lambda: log_path.read_text().count("assigned") >= len(SERVICE_GROUPS),
             timeout=60,
             what="consumers assigned",
@@ -151,9 +147,9 @@ def test_scenario_8_corrupted_json_is_dead_lettered_and_no_notification_sent(
     orch = JobOrchestratorService(settings)  # a valid job afterwards is still processed
     orch.submit_job("ok-8", owner=OWNER, job_type="imaging")
     orch.cancel_job("ok-8")
-    wait_for(lambda: smtp.for_job("ok-8"), what="the valid job's e-mail")
+    wait_until(lambda: smtp.for_job("ok-8"), what="the valid job's e-mail")
     groups = {"notifications", "compliance-auditor", "metrics", "system-health"}
-    wait_for(
+    wait_until(
         lambda: {r[0] for r in _rows(store, "SELECT consumer_group FROM dead_letters")} == groups,
         what="dead letters from every lifecycle consumer",
     )
@@ -183,7 +179,7 @@ def test_scenario_9_missing_required_fields_rejected_by_every_consumer_yet_audit
     }
     _send_raw(settings, json.dumps(event).encode(), "nofields")
     groups = {"notifications", "compliance-auditor", "metrics", "system-health"}
-    wait_for(
+    wait_until(
         lambda: {r[0] for r in _rows(store, "SELECT consumer_group FROM dead_letters")} == groups,
         what="every consumer rejected it",
     )
@@ -211,7 +207,7 @@ def test_scenario_10_burst_raises_lag_and_the_monitor_alerts(
         orch.submit_job(job, owner=OWNER, job_type="imaging")
         orch.start_job(job)
     orch.flush()
-    alert = wait_for(
+    alert = wait_until(
         lambda: _rows(
             store,
             "SELECT alert_id, value, threshold FROM health_alerts "
@@ -227,7 +223,7 @@ def test_scenario_10_burst_raises_lag_and_the_monitor_alerts(
     assert monitor_host.join(30) == 0
     ticks = monitor_host.monitor.ticks if monitor_host.monitor else 0
     host_factory(settings, ("system-health", "metrics"))
-    wait_for(
+    wait_until(
         lambda: (
             _rows(store, "SELECT resolved_at FROM health_alerts WHERE alert_id = ?", [alert[0][0]])[
                 0

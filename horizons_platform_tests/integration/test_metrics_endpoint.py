@@ -15,7 +15,7 @@ from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import Settings
 from horizons_platform.simulate import plan, run_simulation
-from horizons_platform_tests.support import wait_for
+from horizons_platform.waiting import wait_until
 
 
 def _scrape(port: int) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -96,14 +96,14 @@ def test_metrics_show_each_groups_lag_as_the_broker_does_during_a_stream(
             compared += 1
         assert compared >= 1, "the stream ended before /metrics could be compared with it"
         stream.join(60)
-        wait_for(
+        wait_until(
             lambda: all(broker.lag(g) == 0 for g in topics), 60, what="every group to catch up"
         )
     finally:
         broker.close()
     # Caught up, the scrape says so too (the platform's own heads and announcements keep
     # arriving on audit-trail and system-health, so this is waited for, not sampled once).
-    wait_for(
+    wait_until(
         lambda: all(v == 0 for _, v in _scrape(host.metrics.port)["kafka_consumergroup_group_lag"]),
         60,
         what="/metrics to show no lag",

@@ -15,9 +15,10 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from horizons_bench.smtp import SmtpSink
 from horizons_platform import events as ev
 from horizons_platform.host import Host
-from horizons_platform.kafka.admin import ensure_topics
+from horizons_platform.kafka.admin import end_offsets, ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.kafka.consumer import EXIT_OFFSETS, EXIT_STORE
 from horizons_platform.kafka.producer import Publisher
@@ -26,17 +27,10 @@ from horizons_platform.services import health_rules
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
+from horizons_platform.store.owner import free_port
+from horizons_platform.waiting import wait_until
 from horizons_platform_tests.conftest import make_settings
-from horizons_platform_tests.support import (
-    SmtpSink,
-    end_offsets,
-    free_port,
-    horizons,
-    read_topic,
-    run_jobs,
-    start_consumer,
-    wait_for,
-)
+from horizons_platform_tests.support import horizons, read_topic, run_jobs, start_consumer
 
 OWNER = "ada@observatory.example"
 AUDITOR = "compliance-auditor"
@@ -84,7 +78,7 @@ def test_a_replaced_cluster_stops_the_group_loudly_until_its_offsets_are_reset(
     proc = start_consumer(settings, log, services=[AUDITOR])
     try:
         before = run_jobs(settings, "before", 10)
-        wait_for(lambda: _audited(store, "before") == (before, before), 60, what="first jobs")
+        wait_until(lambda: _audited(store, "before") == (before, before), 60, what="first jobs")
 
         # The runbook's old recovery step, with the auditor running: stop the broker,
         # remove its data, start it again — a new cluster behind the same address.
@@ -121,9 +115,9 @@ def test_a_replaced_cluster_stops_the_group_loudly_until_its_offsets_are_reset(
         assert horizons(settings, "offsets", "show", "--group", AUDITOR).returncode == 0
 
         proc = start_consumer(settings, log, services=[AUDITOR])
-        wait_for(lambda: _audited(store, "after") == (after, after), 60, what="new events")
+        wait_until(lambda: _audited(store, "after") == (after, after), 60, what="new events")
         # The reset itself is in the audit trail, and the group's alert is resolved.
-        wait_for(
+        wait_until(
             lambda: store.scalar(
                 "SELECT count(*) FROM audit_log WHERE (payload->>'$.action') = 'offsets.reset'"
             ),
@@ -149,22 +143,22 @@ def test_messages_deleted_before_the_group_read_them_raise_an_alert_with_the_cou
     store = Store(settings)
     host = host_factory(settings, (AUDITOR,))
     first = run_jobs(settings, "kept", 4)
-    wait_for(lambda: _audited(store, "kept") == (first, first), 60, what="first jobs")
+    wait_until(lambda: _audited(store, "kept") == (first, first), 60, what="first jobs")
     host.stop()
     host.join(30)
 
     # While the group is stopped, jobs arrive and Kafka's retention deletes them unread.
     deleted = run_jobs(settings, "expired", 6)
     topic = settings.topic_job_lifecycle
-    ends = end_offsets(settings, topic)
+    ends = end_offsets(settings, [topic])
     admin = AdminClient(settings.kafka_config())
-    futures = admin.delete_records([TopicPartition(topic, p, o) for p, o in ends.items()])
+    futures = admin.delete_records([TopicPartition(t, p, o) for (t, p), o in ends.items()])
     for future in futures.values():
         future.result(30)
 
     host_factory(settings, (AUDITOR,))
     last = run_jobs(settings, "later", 2)
-    wait_for(lambda: _audited(store, "later") == (last, last), 60, what="later jobs")
+    wait_until(lambda: _audited(store, "later") == (last, last), 60, what="later jobs")
     _, alerts = store.query(
         "SELECT value, message FROM health_alerts WHERE rule = 'messages_lost' ORDER BY subject"
     )
@@ -191,7 +185,7 @@ def test_an_alert_raised_while_the_broker_is_down_reaches_kafka_when_it_returns(
     assert sum("health.alert.raised" in v for _, v in waiting) == 1
 
     broker.start(progress=lambda _: None)
-    wait_for(
+    wait_until(
         lambda: store.scalar("SELECT count(*) FROM publications WHERE value LIKE '%drill%'") == 0,
         90,
         what="the outbox to drain once the broker is back",
@@ -202,7 +196,7 @@ def test_an_alert_raised_while_the_broker_is_down_reaches_kafka_when_it_returns(
         if dict(m.headers() or []).get("event_type") == ev.HEALTH_ALERT.encode()
     ]
     assert [a["payload"]["subject"] for a in alerts].count("drill") == 1
-    wait_for(
+    wait_until(
         lambda: store.scalar(
             "SELECT count(*) FROM audit_log WHERE (payload->>'$.action') = "
             "'health.alert.raised' AND (payload->>'$.details.subject') = 'drill'"
@@ -251,7 +245,7 @@ def test_dead_letters_fixed_and_replayed_are_stored_once_and_never_move_a_job_ba
         publisher.send(
             settings.topic_job_lifecycle, json.dumps(bad).encode(), key=str(bad["job_id"])
         )
-    wait_for(
+    wait_until(
         lambda: (
             store.scalar(
                 'SELECT count(DISTINCT (topic, "partition", "offset")) FROM dead_letters '
@@ -262,7 +256,7 @@ def test_dead_letters_fixed_and_replayed_are_stored_once_and_never_move_a_job_ba
         60,
         what="three dead letters",
     )
-    wait_for(
+    wait_until(
         lambda: store.scalar("SELECT status FROM jobs WHERE job_id = 'dlq-done'") == "completed", 60
     )
 
@@ -287,7 +281,7 @@ def test_dead_letters_fixed_and_replayed_are_stored_once_and_never_move_a_job_ba
         )
         assert forced.returncode == 0, forced.stderr
     ids = [str(good["event_id"]) for good, _ in broken]
-    wait_for(
+    wait_until(
         lambda: (
             store.scalar(
                 "SELECT count(*) FROM audit_log WHERE valid AND event_id IN (?, ?, ?)", ids
@@ -297,7 +291,7 @@ def test_dead_letters_fixed_and_replayed_are_stored_once_and_never_move_a_job_ba
         60,
         what="the replays to be audited",
     )
-    wait_for(
+    wait_until(
         lambda: (
             store.scalar("SELECT count(*) FROM job_events WHERE event_id IN (?, ?, ?)", ids) == 3
         ),
@@ -306,7 +300,7 @@ def test_dead_letters_fixed_and_replayed_are_stored_once_and_never_move_a_job_ba
     )
     # The old job.started, replayed after its job completed, leaves it completed.
     assert store.scalar("SELECT status FROM jobs WHERE job_id = 'dlq-done'") == "completed"
-    wait_for(
+    wait_until(
         lambda: (
             store.scalar(
                 "SELECT count(*) FROM audit_log WHERE (payload->>'$.action') = 'dlq.replay'"
@@ -333,15 +327,15 @@ def test_a_failing_store_stops_the_consumer_with_nothing_dead_lettered_or_commit
     wal = Path(f"{settings.database}.wal")
     try:
         first = run_jobs(settings, "ok", 5)
-        wait_for(lambda: _audited(store, "ok") == (first, first), 60, what="first jobs")
-        wait_for(
+        wait_until(lambda: _audited(store, "ok") == (first, first), 60, what="first jobs")
+        wait_until(
             lambda: (
                 store.scalar("SELECT count(*) FROM job_events WHERE job_id LIKE 'ok-%'") == first
             ),
             60,
             what="the metrics group's first jobs",
         )
-        wait_for(wal.exists, 10, what="the WAL file")
+        wait_until(wal.exists, 10, what="the WAL file")
         # The disk refuses every write of the store (as a full or failing disk would).
         subprocess.run(["chattr", "+i", str(wal)], check=True)
         try:
@@ -379,8 +373,8 @@ def test_a_failing_store_stops_the_consumer_with_nothing_dead_lettered_or_commit
 
         # The fault removed: everything arrives, once.
         proc = start_consumer(settings, log, services=groups)
-        wait_for(lambda: _audited(store, "refused") == (second, second), 60, what="the rest")
-        wait_for(
+        wait_until(lambda: _audited(store, "refused") == (second, second), 60, what="the rest")
+        wait_until(
             lambda: (
                 store.scalar("SELECT count(*) FROM job_events WHERE job_id LIKE 'refused-%'")
                 == second

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from horizons_bench.smtp import SmtpSink
 from horizons_platform import events as ev
 from horizons_platform.host import Host
 from horizons_platform.kafka.producer import Publisher
@@ -29,7 +30,7 @@ from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
 from horizons_platform.store.owner import StoreOwner
-from horizons_platform_tests.support import SmtpSink, wait_for
+from horizons_platform.waiting import wait_until
 
 HOSTILE_OWNER = "ops@example.org\r\nBcc: victim@evil.example"
 
@@ -71,8 +72,8 @@ def test_hostile_owners_and_job_ids_never_stop_or_misdirect_mail(
     expected = sorted([*owners, "nl@observatory.example"])
 
     store = Store(settings)
-    wait_for(lambda: len(smtp.messages) >= len(expected), timeout=30, what="21 e-mails")
-    wait_for(
+    wait_until(lambda: len(smtp.messages) >= len(expected), timeout=30, what="21 e-mails")
+    wait_until(
         lambda: store.scalar("SELECT count(*) FROM notifications WHERE status <> 'sent'") == 0,
         timeout=30,
         what="every notification marked sent",
@@ -124,7 +125,7 @@ def test_a_refused_recipient_fails_alone_and_a_deferred_one_is_retried(
             _completed(orch, f"r-{i}", owner)
         orch.flush()
         store = Store(s)
-        wait_for(
+        wait_until(
             lambda: (
                 store.scalar(
                     "SELECT count(*) FROM notifications WHERE status IN ('sent', 'failed')"

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from horizons_platform.kafka.admin import ensure_topics, topic_partitions
+from horizons_platform.kafka.admin import end_offsets, ensure_topics, topic_partitions
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.kafka.producer import DeliveryError, Publisher
 from horizons_platform.services.orchestrator import IllegalTransition, JobOrchestratorService
 from horizons_platform.settings import Settings
-from horizons_platform_tests.support import end_offsets, free_port, read_topic, unique_topics
+from horizons_platform.store.owner import free_port
+from horizons_platform_tests.support import read_topic, unique_topics
 
 OWNER = "ada@observatory.example"
 
@@ -69,14 +70,14 @@ def test_illegal_transition_raises_and_publishes_nothing(settings: Settings) -> 
     orch = JobOrchestratorService(settings)
     orch.submit_job("obs-x", owner=OWNER, job_type="calibration")
     orch.cancel_job("obs-x", reason="operator")
-    before = end_offsets(settings, settings.topic_job_lifecycle)
+    before = end_offsets(settings, [settings.topic_job_lifecycle])
     with pytest.raises(IllegalTransition, match="cancelled: cannot mark it completed"):
         orch.complete_job("obs-x")
     with pytest.raises(IllegalTransition, match="unknown"):
         orch.start_job("never-submitted")
     with pytest.raises(IllegalTransition):
         orch.submit_job("obs-x", owner=OWNER, job_type="calibration")
-    assert end_offsets(settings, settings.topic_job_lifecycle) == before
+    assert end_offsets(settings, [settings.topic_job_lifecycle]) == before
 
 
 def test_state_survives_a_restart(settings: Settings) -> None:

@@ -19,7 +19,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from horizons_bench.harness import subprocess_env
 from horizons_bench.offsets import OffsetProbe
+from horizons_platform.kafka.admin import end_offsets
 from horizons_platform.services.audit import verify_store
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.registry import group_topics
@@ -28,7 +30,8 @@ from horizons_platform.simulate import plan, run_simulation
 from horizons_platform.store.client import Store
 from horizons_platform.store.endpoint import OwnerInfo, read_owner
 from horizons_platform.store.extensions import extension_path
-from horizons_platform_tests.support import consumer_env, end_offsets, start_consumer, wait_for
+from horizons_platform.waiting import wait_until
+from horizons_platform_tests.support import start_consumer
 
 LIFECYCLE_GROUPS = ("notifications", "compliance-auditor", "metrics")
 STALL_LIMIT_S = 2.0
@@ -39,7 +42,7 @@ def owner(
     settings: Settings, tmp_path: Path
 ) -> Iterator[tuple[subprocess.Popen[bytes], OwnerInfo]]:
     proc = start_consumer(settings, tmp_path / "owner.log")
-    info = wait_for(lambda: read_owner(settings), timeout=60, what="the host serving the store")
+    info = wait_until(lambda: read_owner(settings), timeout=60, what="the host serving the store")
     assert info.pid == proc.pid
     yield proc, info
     proc.send_signal(signal.SIGTERM)
@@ -49,7 +52,7 @@ def owner(
 def horizons(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "horizons_platform.cli", *args],
-        env=consumer_env(settings),
+        env=subprocess_env(settings),
         capture_output=True,
         text=True,
         timeout=120,
@@ -146,16 +149,22 @@ def test_a_15s_query_never_stalls_the_consumers(settings: Settings, tmp_path: Pa
     commits there right after its DuckDB transaction), so watching costs the owner
     nothing."""
     proc = start_consumer(settings, tmp_path / "owner.log")
+    stream_stop = threading.Event()
+    producer: threading.Thread | None = None
     try:
-        wait_for(lambda: read_owner(settings), timeout=60, what="the host serving the store")
+        wait_until(lambda: read_owner(settings), timeout=60, what="the host serving the store")
         probe = OffsetProbe(settings, {g: group_topics(settings)[g] for g in LIFECYCLE_GROUPS})
-        jobs = plan(3000, seed=3, prefix="q15")
+        # More jobs than the query can outlast: the stream is stopped once it is over.
+        jobs = plan(20_000, seed=3, prefix="q15")
         orch = JobOrchestratorService(settings, recover=False, wait=False)
         producer = threading.Thread(
-            target=run_simulation, args=(orch, jobs), kwargs={"rate": 300.0}, daemon=True
+            target=run_simulation,
+            args=(orch, jobs),
+            kwargs={"rate": 300.0, "stop": stream_stop},
+            daemon=True,
         )
         producer.start()
-        wait_for(
+        wait_until(
             lambda: all(sum(probe.committed(g).values()) for g in LIFECYCLE_GROUPS),
             timeout=60,
             what="every lifecycle group committing",
@@ -199,8 +208,10 @@ def test_a_15s_query_never_stalls_the_consumers(settings: Settings, tmp_path: Pa
             # the busy test process and has seen 0.62-0.93 s, so it guards against a stall
             # (2 s) rather than assert the target at its own resolution.
             assert worst <= STALL_LIMIT_S, f"{group} stalled {worst:.2f}s during the query"
-        producer.join(60)
     finally:
+        stream_stop.set()
+        if producer is not None:
+            producer.join(60)
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
 
@@ -210,10 +221,10 @@ def test_kill_9_the_owner_and_the_standby_takes_over_exactly(
 ) -> None:
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     a = start_consumer(settings, log_a)
-    info = wait_for(lambda: read_owner(settings), timeout=60, what="host A serving the store")
+    info = wait_until(lambda: read_owner(settings), timeout=60, what="host A serving the store")
     assert info.pid == a.pid
     b = start_consumer(settings, log_b)
-    wait_for(lambda: "standby" in log_b.read_text(), timeout=30, what="host B saying standby")
+    wait_until(lambda: "standby" in log_b.read_text(), timeout=30, what="host B saying standby")
     store = Store(settings)
     jobs = plan(1500, seed=21, prefix="ha")
     expected = sum(len(j.steps()) for j in jobs)
@@ -224,7 +235,7 @@ def test_kill_9_the_owner_and_the_standby_takes_over_exactly(
     producer.start()
     reads: list[int] = []
     try:
-        wait_for(
+        wait_until(
             lambda: (store.scalar("SELECT count(*) FROM job_events") or 0) > expected // 4,
             timeout=60,
             what="a quarter of the stream stored",
@@ -232,7 +243,7 @@ def test_kill_9_the_owner_and_the_standby_takes_over_exactly(
         a.send_signal(signal.SIGKILL)
         killed = time.monotonic()
         a.wait(10)
-        takeover = wait_for(
+        takeover = wait_until(
             lambda: (o := read_owner(settings)) is not None and o.pid == b.pid,
             timeout=60,
             what="host B serving the store",
@@ -244,11 +255,11 @@ def test_kill_9_the_owner_and_the_standby_takes_over_exactly(
         producer.join(120)
         assert not producer.is_alive()
         ends = {
-            t: sum(end_offsets(settings, t).values())
+            t: sum(end_offsets(settings, [t]).values())
             for t in (settings.topic_job_lifecycle, settings.topic_job_metrics)
         }
         assert sum(ends.values()) == expected
-        wait_for(
+        wait_until(
             lambda: (
                 store.scalar("SELECT count(*) FROM job_events") == expected
                 and store.scalar("SELECT count(*) FROM audit_log WHERE job_id LIKE 'ha-%'")

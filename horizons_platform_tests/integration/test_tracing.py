@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 
+from horizons_bench.smtp import SmtpSink
 from horizons_platform.host import Host
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
 from horizons_platform.tracing import trace_id_of
-from horizons_platform_tests.support import SmtpSink, read_topic, wait_for
+from horizons_platform.waiting import wait_until
+from horizons_platform_tests.support import read_topic
 
 OWNER = "ada@observatory.example"
 
@@ -46,12 +48,12 @@ def test_a_jobs_events_carry_one_trace_id_on_the_wire_and_in_every_table(
     assert other and trace_id not in other  # another job, another trace
 
     store = Store(settings)
-    wait_for(
+    wait_until(
         lambda: store.scalar("SELECT count(*) FROM notifications WHERE job_id = 'traced-1'"),
         30,
         what="the completion's notification",
     )
-    wait_for(
+    wait_until(
         lambda: store.scalar("SELECT count(*) FROM audit_log WHERE job_id = 'traced-1'") == 4,
         30,
         what="the auditor",
