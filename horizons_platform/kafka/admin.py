@@ -12,7 +12,7 @@ from confluent_kafka import (
     KafkaException,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
+from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic, OffsetSpec
 
 from horizons_platform.settings import Settings
 
@@ -128,17 +128,21 @@ def end_offsets(
     return {(tp.topic, tp.partition): f.result(timeout).offset for tp, f in futures.items()}
 
 
-def under_replicated(settings: Settings, topics: list[str], timeout: float = 5.0) -> list[str]:
-    """``topic[partition]`` of ``topics`` with fewer in-sync replicas than replicas, or no
-    leader: a node is down or behind, and one more loss may stop writes."""
-    meta = admin_client(settings).list_topics(timeout=timeout)
+def short_of_replicas(metadata: ClusterMetadata, topics: list[str] | None = None) -> list[str]:
+    """``topic[partition]`` (of ``topics``, default all) with fewer in-sync replicas than
+    replicas, or no leader: a node is down or behind, and one more loss may stop writes."""
+    names = metadata.topics if topics is None else [t for t in topics if t in metadata.topics]
     return [
         f"{name}[{p.id}]"
-        for name in topics
-        if name in meta.topics
-        for p in meta.topics[name].partitions.values()
+        for name in names
+        for p in metadata.topics[name].partitions.values()
         if p.leader < 0 or len(p.isrs) < len(p.replicas)
     ]
+
+
+def under_replicated(settings: Settings, topics: list[str], timeout: float = 5.0) -> list[str]:
+    """The partitions of ``topics`` short of replicas (:func:`short_of_replicas`)."""
+    return short_of_replicas(admin_client(settings).list_topics(timeout=timeout), topics)
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import psutil
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, ClusterMetadata
 
+from horizons_platform.kafka.admin import short_of_replicas
 from horizons_platform.settings import Settings
 
 HOST = "127.0.0.1"
@@ -696,17 +696,8 @@ class EmbeddedBroker:
             )
         live = [n for n in nodes if n.running]
         metadata = _metadata(self.bootstrap, 5.0) if live else None
-        topics: dict[str, int] = {}
-        under: list[str] = []
-        if metadata is not None:
-            for name, topic in sorted(metadata.topics.items()):
-                if not name.startswith("__"):
-                    topics[name] = len(topic.partitions)
-                under += [
-                    f"{name}[{p.id}]"
-                    for p in topic.partitions.values()
-                    if p.leader < 0 or len(p.isrs) < len(p.replicas)
-                ]
+        topics = _user_topics(metadata) if metadata is not None else {}
+        under = short_of_replicas(metadata) if metadata is not None else []
         return BrokerStatus(
             running=bool(live),
             pid=nodes[0].pid if nodes[0].running else (live[0].pid if live else None),
@@ -720,7 +711,7 @@ class EmbeddedBroker:
         )
 
 
-def _metadata(bootstrap: str, timeout: float) -> Any | None:
+def _metadata(bootstrap: str, timeout: float) -> ClusterMetadata | None:
     admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
         return admin.list_topics(timeout=timeout)
@@ -728,13 +719,16 @@ def _metadata(bootstrap: str, timeout: float) -> Any | None:
         return None
 
 
-def _list_topics(bootstrap: str, timeout: float) -> dict[str, int] | None:
-    """Topic -> partition count, internal topics left out; None if unreachable."""
-    metadata = _metadata(bootstrap, timeout)
-    if metadata is None:
-        return None
+def _user_topics(metadata: ClusterMetadata) -> dict[str, int]:
+    """Topic -> partition count, internal topics left out."""
     return {
         name: len(topic.partitions)
         for name, topic in sorted(metadata.topics.items())
         if not name.startswith("__")
     }
+
+
+def _list_topics(bootstrap: str, timeout: float) -> dict[str, int] | None:
+    """:func:`_user_topics` of the cluster at ``bootstrap``; None if unreachable."""
+    metadata = _metadata(bootstrap, timeout)
+    return None if metadata is None else _user_topics(metadata)
