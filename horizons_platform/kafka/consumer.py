@@ -91,6 +91,15 @@ class ConsumerLoop:
         # One writer thread: batch N's transaction runs there while batch N+1 is polled.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.group}")
         self._in_flight: Future[None] | None = None
+        # Kafka's committed offsets are informational (DuckDB holds the truth), but the
+        # lag the monitor and Kafka's tools show is read from them: a commit refused
+        # while a group's coordinator moves (a node lost) would otherwise leave them
+        # behind for good once the stream stops. What was stored last, per partition,
+        # is committed again on the next idle poll after a failure.
+        self._stored: dict[tuple[str, int], int] = {}
+        self._stored_lock = threading.Lock()
+        self._commit_failed = False
+        self._next_commit_retry = 0.0
         config: dict[str, object] = {
             "group.id": self.group,
             "client.id": self._client_id,
@@ -102,6 +111,7 @@ class ConsumerLoop:
             # Bounds how long close() waits on a dead coordinator (default 60 s).
             "socket.timeout.ms": 10_000,
             "error_cb": self._on_error,
+            "on_commit": self._on_commit,
         }
         if settings.consumer_instance_id:
             # Static membership: a host restarted after a crash (or its standby, which
@@ -160,6 +170,7 @@ class ConsumerLoop:
                         code = EXIT_BROKER_LOST
                         break
                     self._maybe_flush_signals()
+                self._retry_failed_commit()
             self._finish_in_flight()
         except Exception as exc:
             if not is_store_failure(exc):
@@ -251,6 +262,8 @@ class ConsumerLoop:
             return
         for tp in partitions:
             tp.offset = start.get((tp.topic, tp.partition), OFFSET_BEGINNING)
+        with self._stored_lock:
+            self._stored.clear()
         consumer.assign(partitions)
         self.ready.set()
         log.info("%s: assigned %d partitions", self.group, len(partitions))
@@ -326,6 +339,8 @@ class ConsumerLoop:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The batch in flight is stored before the partitions go to another member.
         self._finish_in_flight()
+        with self._stored_lock:
+            self._stored.clear()  # never re-commit a partition another member now owns
         consumer.unassign()
 
     # --- broker loss ---------------------------------------------------------------------
@@ -438,11 +453,39 @@ class ConsumerLoop:
             log.warning("%s: %d dead letters not yet acknowledged by Kafka", self.group, remaining)
 
     def _commit_to_kafka(self, next_offsets: dict[tuple[str, int], int]) -> None:
+        # Under the lock, so a retry (loop thread) and a batch's commit (writer thread)
+        # reach librdkafka in the order of what they read: offsets never move back.
+        with self._stored_lock:
+            self._stored.update(next_offsets)
+            self._send_commit(next_offsets)
+
+    def _send_commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # informational only: DuckDB holds the truth
             log.debug("%s: Kafka commit failed: %s", self.group, exc)
+            self._commit_failed = True
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """librdkafka's verdict on a commit (called from the loop's poll)."""
+        failed = err is not None and err.code() != KafkaError._NO_OFFSET
+        if failed or any(tp.error is not None for tp in partitions):
+            log.info("%s: Kafka commit failed (%s); committing again", self.group, err)
+            self._commit_failed = True
+
+    def _retry_failed_commit(self) -> None:
+        """After a failed commit, commit again (once a second at most) what was stored
+        last for the partitions still held."""
+        if not self._commit_failed or time.monotonic() < self._next_commit_retry:
+            return
+        self._commit_failed = False
+        self._next_commit_retry = time.monotonic() + 1.0
+        held = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
+        with self._stored_lock:
+            again = {tp: offset for tp, offset in self._stored.items() if tp in held}
+            if again:
+                self._send_commit(again)
 
     def _signal(self, metric: str, value: float) -> dict[str, Any]:
         return {
