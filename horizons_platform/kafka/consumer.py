@@ -5,9 +5,11 @@ service's handler → one DuckDB transaction holding the rows, the dead letters 
 group's next offsets (:class:`~horizons_platform.kafka.checkpoint.Checkpoint`) → commit
 the same offsets to Kafka (so Kafka's tools show lag). The transaction of batch N runs
 on a writer thread while the loop polls and decodes batch N+1: DuckDB works outside
-the GIL, so the two overlap on two cores. On every assignment the loop seeks to the
-offsets stored in DuckDB, which makes DuckDB — not Kafka — the truth: a crash between
-the two commits replays nothing that was stored.
+the GIL, so the two overlap on two cores. Only the loop's thread calls the Kafka
+consumer: confluent-kafka (2.16) lets one thread at a time into a consumer, so a
+commit from the writer thread would wait out the loop's poll, with the writer idle. On
+every assignment the loop seeks to the offsets stored in DuckDB, which makes DuckDB —
+not Kafka — the truth: a crash between the two commits replays nothing that was stored.
 """
 
 from __future__ import annotations
@@ -90,14 +92,13 @@ class ConsumerLoop:
         )
         # One writer thread: batch N's transaction runs there while batch N+1 is polled.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.group}")
-        self._in_flight: Future[None] | None = None
+        self._in_flight: Future[dict[tuple[str, int], int]] | None = None
         # Kafka's committed offsets are informational (DuckDB holds the truth), but the
         # lag the monitor and Kafka's tools show is read from them: a commit refused
         # while a group's coordinator moves (a node lost) would otherwise leave them
         # behind for good once the stream stops. What was stored last, per partition,
         # is committed again on the next idle poll after a failure.
         self._stored: dict[tuple[str, int], int] = {}
-        self._stored_lock = threading.Lock()
         self._commit_failed = False
         self._next_commit_retry = 0.0
         config: dict[str, object] = {
@@ -105,7 +106,12 @@ class ConsumerLoop:
             "client.id": self._client_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            # The broker answers a fetch when 64 KiB are there or after 20 ms: at a few
+            # thousand events/s an answer per produced message (fetch.min.bytes=1) kept
+            # the broker busy on 4 groups' fetches and every process short of CPU on two
+            # cores (produce → committed p99 ~1 s at 1,000 events/s, ~0.3 s since).
             "fetch.wait.max.ms": 20,
+            "fetch.min.bytes": 65536,
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 1_000,
             # Bounds how long close() waits on a dead coordinator (default 60 s).
@@ -143,6 +149,8 @@ class ConsumerLoop:
                     num_messages=self.settings.batch_max_messages,
                     timeout=self.settings.batch_max_wait_s,
                 )
+                if self._in_flight is not None and self._in_flight.done():
+                    self._finish_in_flight()  # its offsets to Kafka now, not after this batch
                 if self._fatal is not None:
                     log.error("%s: stopping: %s", self.group, self._fatal.str())
                     code = EXIT_FENCED
@@ -186,10 +194,12 @@ class ConsumerLoop:
             self._close(code)
         return code
 
-    def _store(self, batch: Batch, rows: Tables | None, polled: float = 0.0) -> None:
-        """On the writer thread: the batch's transaction, then its offsets to Kafka at
-        once (librdkafka's commit is thread-safe), not at the next poll. A failing store
-        is retried with backoff for ``store_retry_s``, then :class:`StoreFailed`."""
+    def _store(
+        self, batch: Batch, rows: Tables | None, polled: float = 0.0
+    ) -> dict[tuple[str, int], int]:
+        """On the writer thread: the batch's transaction; returns the offsets to commit
+        to Kafka. A failing store is retried with backoff for ``store_retry_s``, then
+        :class:`StoreFailed`."""
         delay, deadline = 0.2, time.monotonic() + self.settings.store_retry_s
         commit_started = time.monotonic()
         while True:
@@ -212,9 +222,9 @@ class ConsumerLoop:
                 )
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        self._commit_to_kafka(next_offsets)
         if self.metrics is not None:
             self.metrics.observe_batch(self.group, batch.topics, polled, commit_started)
+        return next_offsets
 
     def _finish_in_flight(self) -> None:
         """Wait for the batch being written. A store failure surfaces here and stops the
@@ -222,7 +232,7 @@ class ConsumerLoop:
         if self._in_flight is None:
             return
         future, self._in_flight = self._in_flight, None
-        future.result()
+        self._commit_to_kafka(future.result())
 
     def _close(self, code: int) -> None:
         try:
@@ -262,8 +272,7 @@ class ConsumerLoop:
             return
         for tp in partitions:
             tp.offset = start.get((tp.topic, tp.partition), OFFSET_BEGINNING)
-        with self._stored_lock:
-            self._stored.clear()
+        self._stored.clear()
         consumer.assign(partitions)
         self.ready.set()
         log.info("%s: assigned %d partitions", self.group, len(partitions))
@@ -339,8 +348,7 @@ class ConsumerLoop:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The batch in flight is stored before the partitions go to another member.
         self._finish_in_flight()
-        with self._stored_lock:
-            self._stored.clear()  # never re-commit a partition another member now owns
+        self._stored.clear()  # never re-commit a partition another member now owns
         consumer.unassign()
 
     # --- broker loss ---------------------------------------------------------------------
@@ -453,11 +461,8 @@ class ConsumerLoop:
             log.warning("%s: %d dead letters not yet acknowledged by Kafka", self.group, remaining)
 
     def _commit_to_kafka(self, next_offsets: dict[tuple[str, int], int]) -> None:
-        # Under the lock, so a retry (loop thread) and a batch's commit (writer thread)
-        # reach librdkafka in the order of what they read: offsets never move back.
-        with self._stored_lock:
-            self._stored.update(next_offsets)
-            self._send_commit(next_offsets)
+        self._stored.update(next_offsets)
+        self._send_commit(next_offsets)
 
     def _send_commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
@@ -482,10 +487,9 @@ class ConsumerLoop:
         self._commit_failed = False
         self._next_commit_retry = time.monotonic() + 1.0
         held = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-        with self._stored_lock:
-            again = {tp: offset for tp, offset in self._stored.items() if tp in held}
-            if again:
-                self._send_commit(again)
+        again = {tp: offset for tp, offset in self._stored.items() if tp in held}
+        if again:
+            self._send_commit(again)
 
     def _signal(self, metric: str, value: float) -> dict[str, Any]:
         return {
