@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from horizons_platform.events import Envelope, encode, headers_for
 from horizons_platform.settings import Settings
 
 Headers = list[tuple[str, bytes]]
+
+log = logging.getLogger(__name__)
 
 
 class DeliveryError(RuntimeError):
@@ -42,8 +45,32 @@ class Publisher:
             }
         )
         conf.update(extra)
+        conf["error_cb"] = self._on_error
+        self._conf = conf
+        self._fatal: KafkaError | None = None
         self._producer = Producer(conf)
         self._lock = threading.Lock()
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            self._fatal = err
+
+    def _renew_if_fatal(self) -> None:
+        """An idempotent producer's fatal error (e.g. OUT_OF_ORDER_SEQUENCE_NUMBER against
+        a cluster replaced behind the address) makes it refuse every later message, and
+        librdkafka's answer is a new producer: without one, a long-running host would
+        never publish an alert or a dead letter again. What the old one had not delivered
+        failed with the fatal error; the outboxes send it again."""
+        if self._fatal is None:
+            return
+        with self._lock:
+            if self._fatal is None:
+                return
+            log.warning("producer: fatal error (%s); starting a new producer", self._fatal.str())
+            self._fatal = None
+            old, self._producer = self._producer, Producer(self._conf)
+            old.purge()
+            old.flush(0)
 
     def publish(self, topic: str, event: Envelope, key: str | None = None) -> Delivery:
         """Send one event and wait for the broker's acknowledgement."""
@@ -83,6 +110,7 @@ class Publisher:
         headers: Headers | None = None,
         on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
+        self._renew_if_fatal()
         while True:
             try:
                 self._producer.produce(

@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from confluent_kafka import KafkaError
 
 from horizons_platform.kafka.admin import end_offsets, ensure_topics, topic_partitions
 from horizons_platform.kafka.broker import EmbeddedBroker
@@ -136,3 +137,14 @@ def test_delivery_failure_when_broker_is_down_is_an_error_not_a_hang(tmp_path: P
         assert orch.state("obs-d") == "submitted"
     finally:
         broker.stop()
+
+
+def test_a_fatal_producer_error_is_followed_by_a_new_producer(settings: Settings) -> None:
+    # librdkafka reports e.g. OUT_OF_ORDER_SEQUENCE_NUMBER as fatal against a cluster
+    # replaced behind the address; it cannot be provoked on demand, so the error callback
+    # is handed one. The next send must go through a new producer and be delivered.
+    publisher = Publisher(settings)
+    publisher._on_error(KafkaError(KafkaError._FATAL, "injected", fatal=True))
+    delivery = publisher.send(settings.topic_audit_trail, b"{}", key="fatal")
+    assert delivery.offset >= 0
+    assert publisher._fatal is None
