@@ -56,12 +56,15 @@ def test_scenario_1_full_lifecycle_reaches_all_consumers_within_5s(
     wait_until(everything_arrived, timeout=5.0, interval=0.05, what="all four consumers")
     elapsed = time.monotonic() - started
     assert elapsed < 5.0
-    assert _audited(store, "j-1") == [
+    # In lifecycle order (one key, one partition of job-lifecycle); job.metrics comes
+    # on another topic, so Kafka promises nothing about where it falls among them.
+    audited = _audited(store, "j-1")
+    assert [t for t in audited if t != "job.metrics"] == [
         "job.submitted",
         "job.started",
         "job.completed",
-        "job.metrics",
     ]
+    assert audited.count("job.metrics") == 1
     mail = smtp.for_job("j-1")[0]
     assert mail["To"] == OWNER and "completed" in str(mail["Subject"])
 
