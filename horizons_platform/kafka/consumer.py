@@ -54,6 +54,7 @@ SIGNAL_INTERVAL_S = 1.0
 # outage, when the store fenced records, and at least this often.
 OFFSETS_CHECK_INTERVAL_S = 30.0
 DLQ_MAX_VALUE_BYTES = 512 * 1024
+COMMIT_CHECK_S = 2.0
 
 
 class ConsumerLoop:
@@ -93,14 +94,11 @@ class ConsumerLoop:
         # One writer thread: batch N's transaction runs there while batch N+1 is polled.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.group}")
         self._in_flight: Future[dict[tuple[str, int], int]] | None = None
-        # Kafka's committed offsets are informational (DuckDB holds the truth), but the
-        # lag the monitor and Kafka's tools show is read from them: a commit refused
-        # while a group's coordinator moves (a node lost) would otherwise leave them
-        # behind for good once the stream stops. What was stored last, per partition,
-        # is committed again on the next idle poll after a failure.
+        # What was stored last and what Kafka acknowledged, per partition: see
+        # _recommit_unconfirmed.
         self._stored: dict[tuple[str, int], int] = {}
-        self._commit_failed = False
-        self._next_commit_retry = 0.0
+        self._confirmed: dict[tuple[str, int], int] = {}  # what Kafka acknowledged
+        self._next_commit_check = 0.0
         config: dict[str, object] = {
             "group.id": self.group,
             "client.id": self._client_id,
@@ -178,7 +176,7 @@ class ConsumerLoop:
                         code = EXIT_BROKER_LOST
                         break
                     self._maybe_flush_signals()
-                self._retry_failed_commit()
+                self._recommit_unconfirmed()
             self._finish_in_flight()
         except Exception as exc:
             if not is_store_failure(exc):
@@ -273,6 +271,7 @@ class ConsumerLoop:
         for tp in partitions:
             tp.offset = start.get((tp.topic, tp.partition), OFFSET_BEGINNING)
         self._stored.clear()
+        self._confirmed.clear()
         consumer.assign(partitions)
         self.ready.set()
         log.info("%s: assigned %d partitions", self.group, len(partitions))
@@ -348,7 +347,9 @@ class ConsumerLoop:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The batch in flight is stored before the partitions go to another member.
         self._finish_in_flight()
-        self._stored.clear()  # never re-commit a partition another member now owns
+        # Never re-commit a partition another member now owns.
+        self._stored.clear()
+        self._confirmed.clear()
         consumer.unassign()
 
     # --- broker loss ---------------------------------------------------------------------
@@ -470,24 +471,31 @@ class ConsumerLoop:
             self._consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:  # informational only: DuckDB holds the truth
             log.debug("%s: Kafka commit failed: %s", self.group, exc)
-            self._commit_failed = True
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
-        """librdkafka's verdict on a commit (called from the loop's poll)."""
-        failed = err is not None and err.code() != KafkaError._NO_OFFSET
-        if failed or any(tp.error is not None for tp in partitions):
+        """librdkafka's verdict on a commit (served by the loop's poll)."""
+        for tp in partitions:
+            if err is None and tp.error is None and tp.offset >= 0:
+                key = (tp.topic, tp.partition)
+                self._confirmed[key] = max(self._confirmed.get(key, -1), tp.offset)
+        if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.info("%s: Kafka commit failed (%s); committing again", self.group, err)
-            self._commit_failed = True
 
-    def _retry_failed_commit(self) -> None:
-        """After a failed commit, commit again (once a second at most) what was stored
-        last for the partitions still held."""
-        if not self._commit_failed or time.monotonic() < self._next_commit_retry:
+    def _recommit_unconfirmed(self) -> None:
+        """Every COMMIT_CHECK_S, commit again what was stored for the partitions still
+        held and not yet acknowledged by Kafka. A commit lost while a group's coordinator
+        moved (a node killed) would otherwise leave Kafka's lag — the monitor's, the
+        operator's tools' — behind for good once the stream stops; comparing with what
+        Kafka acknowledged covers failures that were never reported too."""
+        if time.monotonic() < self._next_commit_check:
             return
-        self._commit_failed = False
-        self._next_commit_retry = time.monotonic() + 1.0
+        self._next_commit_check = time.monotonic() + COMMIT_CHECK_S
         held = {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
-        again = {tp: offset for tp, offset in self._stored.items() if tp in held}
+        again = {
+            tp: offset
+            for tp, offset in self._stored.items()
+            if tp in held and self._confirmed.get(tp, -1) < offset
+        }
         if again:
             self._send_commit(again)
 
