@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from horizons_platform.events import Envelope, encode, headers_for
 from horizons_platform.settings import Settings
@@ -15,6 +16,11 @@ from horizons_platform.settings import Settings
 Headers = list[tuple[str, bytes]]
 
 log = logging.getLogger(__name__)
+
+# How often a producer asks which cluster it talks to (one metadata request); after a
+# failed check (broker away), sooner.
+CLUSTER_CHECK_S = 1.0
+CLUSTER_RECHECK_S = 0.2
 
 
 class DeliveryError(RuntimeError):
@@ -50,6 +56,9 @@ class Publisher:
         self._fatal: KafkaError | None = None
         self._producer = Producer(conf)
         self._lock = threading.Lock()
+        self._cluster_id: str | None = None  # where this producer's idempotence id is from
+        self._next_cluster_check = 0.0
+        self._check_cluster()  # an idle producer's PID is from the cluster of its start
 
     def _on_error(self, err: KafkaError) -> None:
         if err.fatal():
@@ -61,16 +70,50 @@ class Publisher:
         librdkafka's answer is a new producer: without one, a long-running host would
         never publish an alert or a dead letter again. What the old one had not delivered
         failed with the fatal error; the outboxes send it again."""
-        if self._fatal is None:
-            return
+        fatal = self._fatal
+        if fatal is not None:
+            self._renew(f"fatal error ({fatal.str()})", lambda: self._fatal is not None)
+
+    def _check_cluster(self) -> None:
+        """A new producer when the cluster behind the address is not the one this
+        producer got its idempotence id (PID) from. Brokers accept any sequence from a
+        PID they have never seen, so an old producer writing on would plant its PID and
+        sequences in the new cluster, which hands out PIDs from zero again: a fresh
+        producer given the same PID later has its first messages refused as out of
+        order, or acknowledged as "duplicates" and never written (reproduced with
+        confluent-kafka 2.16 and Kafka 4.1: a silent loss). Checked before a send at
+        most every CLUSTER_CHECK_S; librdkafka may still deliver what was queued while
+        the broker was away, so this narrows the window rather than closing it."""
+        now = time.monotonic()
         with self._lock:
-            if self._fatal is None:
+            if now < self._next_cluster_check:
                 return
-            log.warning("producer: fatal error (%s); starting a new producer", self._fatal.str())
+            self._next_cluster_check = now + CLUSTER_CHECK_S
+            producer = self._producer
+        try:
+            current = producer.list_topics(timeout=1.0).cluster_id
+        except KafkaException:
+            self._next_cluster_check = time.monotonic() + CLUSTER_RECHECK_S
+            return
+        known = self._cluster_id
+        if known is None or not current:
+            self._cluster_id = self._cluster_id or current
+        elif current != known:
+            self._renew(
+                f"the broker is now Kafka cluster {current}, not {known} (replaced)",
+                lambda: self._producer is producer,
+            )
+            self._cluster_id = current
+
+    def _renew(self, reason: str, still_needed: Callable[[], bool]) -> None:
+        with self._lock:
+            if not still_needed():  # another thread renewed it meanwhile
+                return
+            log.warning("producer: %s; starting a new producer", reason)
             self._fatal = None
             old, self._producer = self._producer, Producer(self._conf)
-            old.purge()
-            old.flush(0)
+        old.purge()
+        old.flush(0)
 
     def publish(self, topic: str, event: Envelope, key: str | None = None) -> Delivery:
         """Send one event and wait for the broker's acknowledgement."""
@@ -111,6 +154,7 @@ class Publisher:
         on_delivery: Callable[[KafkaError | None, Message], None] | None = None,
     ) -> None:
         self._renew_if_fatal()
+        self._check_cluster()
         while True:
             try:
                 self._producer.produce(

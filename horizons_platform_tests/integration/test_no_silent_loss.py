@@ -138,6 +138,31 @@ def test_a_replaced_cluster_stops_the_group_loudly_until_its_offsets_are_reset(
         proc.wait(60)
 
 
+def test_a_producer_that_outlived_its_cluster_makes_no_fresh_producer_lose_a_message(
+    private_broker: tuple[EmbeddedBroker, Settings],
+) -> None:
+    # A host's producer lives through the cluster behind the address being replaced.
+    # Had it written on with the idempotence id (PID) of the old cluster, the new one
+    # would have accepted it (brokers take any sequence from an unknown PID), and the
+    # next fresh producer — handed the same PID, as PIDs start from zero again — would
+    # have had its message acknowledged as a "duplicate" and never written.
+    broker, settings = private_broker
+    ensure_topics(settings)
+    topic = settings.topic_job_lifecycle
+    outlived = Publisher(settings)
+    outlived.send(topic, b"before", key="before")
+
+    broker.stop()
+    shutil.rmtree(broker.data_dir)
+    broker.start(progress=lambda _: None)
+    ensure_topics(settings)
+    after = outlived.send(topic, b"after", key="same-key")
+    fresh = Publisher(settings).send(topic, b"fresh", key="same-key")
+
+    assert (fresh.partition, fresh.offset) == (after.partition, after.offset + 1)
+    assert sorted(m.value() for m in read_topic(settings, topic)) == [b"after", b"fresh"]
+
+
 def test_messages_deleted_before_the_group_read_them_raise_an_alert_with_the_count(
     settings: Settings, host_factory: Callable[..., Host]
 ) -> None:
