@@ -1,0 +1,103 @@
+"""A consumer group rebalanced under a live stream, against a real broker and DuckDB.
+
+Every rebalance calls the loop's revoke/assign callbacks inside ``consume()``, and they
+wait for the batch being written. Before the loop kept every Kafka call on its own
+thread, the writer thread's commit waited for ``consume()`` to return (confluent-kafka
+2.16 lets one thread at a time into a consumer) while the callback waited for the
+writer: the group stopped for good, without an error — what a Kafka node loss provoked
+in the node-loss drill.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from confluent_kafka import Consumer, TopicPartition
+
+from horizons_platform.host import Host
+from horizons_platform.kafka.admin import end_offsets
+from horizons_platform.services.registry import group_topics
+from horizons_platform.settings import Settings
+from horizons_platform.store.client import Store
+from horizons_platform.waiting import wait_until
+from horizons_platform_tests.support import run_jobs
+
+AUDITOR = "compliance-auditor"
+
+
+def _committed(settings: Settings, topics: list[str]) -> dict[tuple[str, int], int]:
+    reader = Consumer(settings.kafka_config(**{"group.id": AUDITOR, "enable.auto.commit": False}))
+    try:
+        meta = reader.list_topics(timeout=10).topics
+        tps = [TopicPartition(t, p) for t in topics for p in meta[t].partitions]
+        return {(tp.topic, tp.partition): tp.offset for tp in reader.committed(tps, timeout=10)}
+    finally:
+        reader.close()
+
+
+def _join_and_leave(settings: Settings, topics: list[str]) -> None:
+    """Another member joins the group (the host gives up partitions), holds them until
+    the rebalance is done, then leaves (the host takes them back)."""
+    member = Consumer(
+        settings.kafka_config(
+            **{"group.id": AUDITOR, "enable.auto.commit": False, "session.timeout.ms": 10_000}
+        )
+    )
+    assigned = threading.Event()
+    member.subscribe(topics, on_assign=lambda _c, parts: parts and assigned.set())
+    deadline = time.monotonic() + 60
+    while not assigned.is_set() and time.monotonic() < deadline:
+        member.poll(0.2)
+    member.close()
+    assert assigned.is_set(), "the second member got no partitions within 60 s"
+
+
+def test_a_rebalance_under_a_live_stream_stalls_no_group(
+    settings: Settings, host_factory: Callable[..., Host]
+) -> None:
+    topics = group_topics(settings)[AUDITOR]
+    store = Store(settings)
+    host_factory(settings, (AUDITOR,))
+    produced: list[int] = []
+    stop = threading.Event()
+
+    def stream() -> None:
+        round_ = 0
+        while not stop.is_set():
+            produced.append(run_jobs(settings, f"rebalance{round_}", 25))
+            round_ += 1
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    try:
+        for _ in range(3):
+            wait_until(lambda: store.scalar("SELECT count(*) FROM audit_log") > 0, 60, what="rows")
+            _join_and_leave(settings, topics)
+    finally:
+        stop.set()
+        streamer.join(60)
+
+    total = sum(produced)
+    wait_until(
+        lambda: (
+            store.scalar("SELECT count(*) FROM audit_log WHERE job_id LIKE 'rebalance%'") == total
+        ),
+        60,
+        what=f"all {total} events in the audit trail",
+    )
+    assert (
+        store.scalar(
+            "SELECT count(DISTINCT event_id) FROM audit_log WHERE job_id LIKE 'rebalance%'"
+        )
+        == total
+    )
+    ends = end_offsets(settings, topics)
+    wait_until(
+        lambda: all(
+            _committed(settings, topics).get(tp, -1) >= end for tp, end in ends.items() if end
+        ),
+        60,
+        what="Kafka's committed offsets at the end of every partition",
+    )
