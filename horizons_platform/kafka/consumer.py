@@ -54,6 +54,7 @@ SIGNAL_INTERVAL_S = 1.0
 # outage, when the store fenced records, and at least this often.
 OFFSETS_CHECK_INTERVAL_S = 30.0
 DLQ_MAX_VALUE_BYTES = 512 * 1024
+POLL_SLICE_S = 0.005
 # How often Kafka's committed offsets are read back and compared with what was stored.
 COMMIT_CHECK_S = 5.0
 
@@ -100,6 +101,7 @@ class ConsumerLoop:
         self._stored: dict[tuple[str, int], int] = {}
         self._unverified: dict[tuple[str, int], float] = {}
         self._next_commit_check = 0.0
+        self._generation = 0  # rebalances seen (see _poll)
         config: dict[str, object] = {
             "group.id": self.group,
             "client.id": self._client_id,
@@ -143,12 +145,7 @@ class ConsumerLoop:
         code = EXIT_OK
         try:
             while not self.stop_event.is_set():
-                messages = self._consumer.consume(
-                    num_messages=self.settings.batch_max_messages,
-                    timeout=self.settings.batch_max_wait_s,
-                )
-                if self._in_flight is not None and self._in_flight.done():
-                    self._finish_in_flight()  # its offsets to Kafka now, not after this batch
+                messages = self._poll()
                 if self._fatal is not None:
                     log.error("%s: stopping: %s", self.group, self._fatal.str())
                     code = EXIT_FENCED
@@ -191,6 +188,37 @@ class ConsumerLoop:
         finally:
             self._close(code)
         return code
+
+    def _poll(self) -> list[Any]:
+        """One batch window: up to batch_max_messages or batch_max_wait_s. While the
+        previous batch's transaction runs, the window is polled in slices of POLL_SLICE_S
+        and the batch's offsets go to Kafka as soon as it is stored, not at the end of
+        the window (it was ~40 ms of the ~120 ms produce → committed median at 1,000
+        events/s)."""
+        wanted, wait = self.settings.batch_max_messages, self.settings.batch_max_wait_s
+        if self._in_flight is None:
+            return self._consumer.consume(num_messages=wanted, timeout=wait)
+        deadline = time.monotonic() + wait
+        messages: list[Any] = []
+        while len(messages) < wanted:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            in_flight = self._in_flight is not None
+            generation = self._generation
+            got = self._consumer.consume(
+                num_messages=wanted - len(messages),
+                timeout=min(POLL_SLICE_S, remaining) if in_flight else remaining,
+            )
+            if generation != self._generation:
+                # A rebalance ran inside consume(): what earlier slices returned may
+                # belong to partitions given away, and the ones kept restart from the
+                # stored offsets anyway. This slice's messages follow the new assignment.
+                messages = []
+            messages += got
+            if self._in_flight is not None and self._in_flight.done():
+                self._finish_in_flight()
+        return messages
 
     def _store(
         self, batch: Batch, rows: Tables | None, polled: float = 0.0
@@ -263,6 +291,7 @@ class ConsumerLoop:
     # --- rebalance: DuckDB holds the truth about where to resume -------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._generation += 1
         self._finish_in_flight()
         start = self._check_offsets(consumer, [(tp.topic, tp.partition) for tp in partitions])
         if start is None:
@@ -345,6 +374,7 @@ class ConsumerLoop:
             log.exception("%s: could not record the alert (%s)", self.group, text)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._generation += 1
         # The batch in flight is stored before the partitions go to another member.
         self._finish_in_flight()
         # Never re-commit a partition another member now owns.
