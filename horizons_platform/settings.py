@@ -244,6 +244,11 @@ class Settings(BaseSettings):
         }
         conf.update(self.kafka_properties())
         conf.update(extra)
+        if "debug" in conf:
+            # Debug volume through the Python logger aborts the process in confluent-kafka
+            # 2.16 ("CallState_get: Assertion `cs != NULL' failed", seen with
+            # HORIZONS_KAFKA__DEBUG=cgrp,consumer): librdkafka writes to stderr instead.
+            conf.pop("logger")
         return conf
 
     def kafka_properties(self) -> dict[str, str]:

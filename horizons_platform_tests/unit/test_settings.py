@@ -30,6 +30,17 @@ def test_any_librdkafka_property_passes_through_and_reaches_a_real_client(
         Producer(Settings().kafka_config())
 
 
+def test_librdkafka_debug_logs_to_stderr_not_through_python_logging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # confluent-kafka 2.16 aborted a host started with HORIZONS_KAFKA__DEBUG while its
+    # logger callback served debug volume; without debug the logger stays.
+    assert "logger" in Settings().kafka_config()
+    monkeypatch.setenv("HORIZONS_KAFKA__DEBUG", "cgrp,consumer")
+    conf = Settings().kafka_config()
+    assert conf["debug"] == "cgrp,consumer" and "logger" not in conf
+
+
 def test_config_show_masks_passwords_and_secrets() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HORIZONS_")}
     env.update(
