@@ -520,6 +520,8 @@ class ConsumerLoop:
         for key in set(self._unverified) - held:
             del self._unverified[key]
         asked = [TopicPartition(t, p) for t, p in self._unverified]
+        if not asked:
+            return
         try:
             answer = self._consumer.committed(asked, timeout=1.0)
         except KafkaException as exc:  # the coordinator is away: at the next check
