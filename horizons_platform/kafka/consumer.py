@@ -96,10 +96,9 @@ class ConsumerLoop:
         # One writer thread: batch N's transaction runs there while batch N+1 is polled.
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.group}")
         self._in_flight: Future[dict[tuple[str, int], int]] | None = None
-        # The next offset stored last per partition held, and when it was last sent to
-        # Kafka for the partitions Kafka has not yet been seen to hold it: _verify_commits.
-        self._stored: dict[tuple[str, int], int] = {}
-        self._unverified: dict[tuple[str, int], float] = {}
+        # Per partition held whose stored next offset Kafka has not yet been seen to
+        # hold: that offset and when it was last sent (_verify_commits).
+        self._unverified: dict[tuple[str, int], tuple[int, float]] = {}
         self._next_commit_check = 0.0
         self._generation = 0  # rebalances seen (see _poll)
         config: dict[str, object] = {
@@ -299,7 +298,6 @@ class ConsumerLoop:
             return
         for tp in partitions:
             tp.offset = start.get((tp.topic, tp.partition), OFFSET_BEGINNING)
-        self._stored.clear()
         self._unverified.clear()
         consumer.assign(partitions)
         self.ready.set()
@@ -378,7 +376,6 @@ class ConsumerLoop:
         # The batch in flight is stored before the partitions go to another member.
         self._finish_in_flight()
         # Never re-commit a partition another member now owns.
-        self._stored.clear()
         self._unverified.clear()
         consumer.unassign()
 
@@ -492,12 +489,8 @@ class ConsumerLoop:
             log.warning("%s: %d dead letters not yet acknowledged by Kafka", self.group, remaining)
 
     def _commit_to_kafka(self, next_offsets: dict[tuple[str, int], int]) -> None:
-        self._stored.update(next_offsets)
-        self._send_commit(next_offsets)
-
-    def _send_commit(self, next_offsets: dict[tuple[str, int], int]) -> None:
         sent = time.monotonic()
-        self._unverified.update(dict.fromkeys(next_offsets, sent))
+        self._unverified.update({tp: (offset, sent) for tp, offset in next_offsets.items()})
         offsets = [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()]
         try:
             self._consumer.commit(offsets=offsets, asynchronous=True)
@@ -531,10 +524,11 @@ class ConsumerLoop:
         settled = time.monotonic() - 1.0  # a commit sent since may still be on its way
         for tp in answer:
             key = (tp.topic, tp.partition)
-            if tp.error is None and tp.offset >= self._stored[key]:
+            stored, sent = self._unverified[key]
+            if tp.error is None and tp.offset >= stored:
                 del self._unverified[key]
-            elif self._unverified[key] < settled:
-                behind[key] = self._stored[key]
+            elif sent < settled:
+                behind[key] = stored
         if behind:
             log.info(
                 "%s: Kafka holds older committed offsets than stored for %d partition(s); "
@@ -542,7 +536,7 @@ class ConsumerLoop:
                 self.group,
                 len(behind),
             )
-            self._send_commit(behind)
+            self._commit_to_kafka(behind)
 
     def _signal(self, metric: str, value: float) -> dict[str, Any]:
         return {
