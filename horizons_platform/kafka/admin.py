@@ -61,7 +61,10 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
             break
         time.sleep(0.1)
     if new:
-        _wait_until_served(settings, {t.topic: t.num_partitions for t in new}, deadline)
+        # As many partitions as the topic has: one created by someone else meanwhile
+        # (TOPIC_ALREADY_EXISTS above, e.g. auto-created by a producer) may have fewer.
+        served = {t.topic: len(meta[t.topic].partitions) for t in new if t.topic in meta}
+        _wait_until_served(settings, served, deadline)
     return {name: len(meta[name].partitions) if name in meta else 0 for name in wanted}
 
 
