@@ -105,6 +105,8 @@ class Host:
         self.publications = PublicationDispatcher(
             self.settings, self.store, self.publisher, self.stop_event
         )
+        for loop in self.loops.values():
+            loop.handler.publish_soon = self.publications.publish_soon
         self._spawn("publications", self.publications.run)
         for hook in self.background:
             self._spawn(

@@ -10,6 +10,7 @@ it never imports a service (docs/decisions.md, "Imports run one way").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -158,6 +159,10 @@ class Handler:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Set by the host: hands over the ids of publications (runtime/publications.py)
+        # a committed batch enqueued, to be sent to Kafka now rather than by the
+        # dispatcher's sweep of older rows.
+        self.publish_soon: Callable[[list[str]], None] | None = None
 
     def topics(self) -> list[str]:
         raise NotImplementedError

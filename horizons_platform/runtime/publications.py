@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -139,7 +140,8 @@ def publish_now(store: StoreBase, publisher: Publisher | None, ids: list[str]) -
 
 
 class PublicationDispatcher:
-    """In the consumer host: publishes what is left in the outbox, with backoff."""
+    """In the consumer host: publishes what is left in the outbox, with backoff, and
+    what a consumer's committed batch enqueued (:meth:`publish_soon`) right away."""
 
     def __init__(
         self,
@@ -155,10 +157,35 @@ class PublicationDispatcher:
         self.stop_event = stop_event
         self.interval_s = interval_s
         self.published = 0
+        self._soon: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+
+    def publish_soon(self, ids: list[str]) -> None:
+        """Publish these (committed) publications now, on the dispatcher's thread: the
+        committing thread does not wait for Kafka."""
+        with self._lock:
+            self._soon.extend(ids)
+        self._wake.set()
 
     def run(self) -> None:
         delay = self.interval_s
-        while not self.stop_event.wait(delay):
+        sweep_at = time.monotonic() + delay
+        while not self.stop_event.is_set():
+            # Short waits: a stop is noticed within half a second whatever the backoff.
+            self._wake.wait(min(0.5, max(0.0, sweep_at - time.monotonic())))
+            self._wake.clear()
+            with self._lock:
+                soon, self._soon = self._soon, []
+            if soon:
+                try:
+                    sent, _ = publish(self.store, self.publisher, ids=soon)
+                    self.published += sent
+                except Exception:
+                    # Still in the outbox: the sweep sends them once they are older.
+                    log.exception("publications: could not publish now; the sweep will")
+            if time.monotonic() < sweep_at:
+                continue
             try:
                 sent, pending = publish(self.store, self.publisher, older_than_s=DISPATCH_AFTER_S)
                 self.published += sent
@@ -169,3 +196,4 @@ class PublicationDispatcher:
             except Exception:
                 log.exception("publications: dispatch failed; retrying")
                 delay = min(max(delay, 1.0) * 2, 15.0)
+            sweep_at = time.monotonic() + delay

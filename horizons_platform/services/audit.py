@@ -379,6 +379,7 @@ class AuditHandler(Handler):
         self._signer: Ed25519PrivateKey | None = None
         self._signed: tuple[int, float] = (0, 0.0)  # (seq, monotonic time)
         self._signing: tuple[int, float] | None = None
+        self._head_publication: str | None = None  # enqueued with the signing batch
         self._events_since_head = False
 
     def topics(self) -> list[str]:
@@ -427,7 +428,7 @@ class AuditHandler(Handler):
         super().persist(con, rows, dedupe=dedupe)
 
     def rollback(self) -> None:
-        self._tail = self._pending = self._signing = None
+        self._tail = self._pending = self._signing = self._head_publication = None
 
     def after_commit(self, rows: Tables) -> None:
         if self._pending is not None:
@@ -435,6 +436,10 @@ class AuditHandler(Handler):
         if self._signing is not None:
             self._signed, self._signing = self._signing, None
             self._events_since_head = False
+            if self._head_publication is not None and self.publish_soon is not None:
+                # Kafka witnesses the head within moments, not at the next sweep.
+                self.publish_soon([self._head_publication])
+            self._head_publication = None
 
     def on_stop(self, store: StoreBase) -> None:
         """A last head over everything stored, so a restart begins fully signed."""
@@ -468,12 +473,10 @@ class AuditHandler(Handler):
             self.group, HEAD_ACTION, head.as_json(), producer=f"{self.group}@{socket.gethostname()}"
         )
         key = HEAD_KEY.decode()
-        tables.insert(
-            con,
-            "publications",
-            [tables.publication_row(self.settings.topic_audit_trail, record, key)],
-        )
+        row = tables.publication_row(self.settings.topic_audit_trail, record, key)
+        tables.insert(con, "publications", [row])
         self._signing = (seq, time.monotonic())
+        self._head_publication = row["publication_id"]
 
 
 def iter_rows(

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from horizons_platform.host import Host
 from horizons_platform.kafka.producer import Publisher
-from horizons_platform.runtime.publications import publish
+from horizons_platform.runtime.publications import DISPATCH_AFTER_S, publish
 from horizons_platform.services import audit
 from horizons_platform.services.audit_check import check_trail
 from horizons_platform.services.compliance import build_report, generate_report, run_retention
@@ -58,6 +58,37 @@ def trail(
         "SELECT max(seq) FROM audit_log"
     )
     yield settings
+
+
+def test_a_signed_head_reaches_kafka_right_after_its_commit(
+    settings_factory: Callable[..., Settings], host_factory: Callable[..., Host]
+) -> None:
+    """Kafka is the head's witness: until a head is on audit-trail, cutting the tail it
+    signs goes unseen. It leaves with its batch's commit, not with the outbox's sweep of
+    rows older than DISPATCH_AFTER_S (which once delayed every head by ~6 s)."""
+    settings = settings_factory(audit_head_interval_s=0.2)
+    store = Store(settings)
+    host_factory(settings, (AUDITOR,))
+    expected = run_jobs(settings, "w", 10)
+    wait_until(
+        lambda: store.scalar("SELECT count(*) FROM audit_log WHERE job_id LIKE 'w-%'") == expected,
+        60,
+        what="the auditor to store the jobs",
+    )
+    head = store.scalar("SELECT max(seq) FROM audit_heads")
+    assert head is not None and head > 0
+
+    def published_back() -> bool:
+        # The auditor reads its own heads back from audit-trail into audit_log.
+        return bool(
+            store.scalar(
+                "SELECT count(*) FROM audit_log WHERE event_type = 'audit.record' "
+                "AND json_extract_string(decode(raw), '$.payload.details.seq') = ?",
+                [str(head)],
+            )
+        )
+
+    wait_until(published_back, DISPATCH_AFTER_S / 2, what=f"head {head} on audit-trail")
 
 
 def _copy(settings: Settings, tmp_path: Path) -> tuple[Settings, Store]:
