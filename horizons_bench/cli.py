@@ -88,6 +88,13 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p = _parser(bench, "latency")
     p.add_argument("--rate", type=float, default=1000.0, help="events/s (default 1,000)")
     p.add_argument("--seconds", type=float, default=30.0, help="duration (default 30)")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=20.0,
+        help="seconds at the same rate before measuring (default 20; 0: none — a fresh "
+        "broker then spends half a core compiling)",
+    )
     _common(p)
 
     p = _parser(bench, "query")

@@ -13,16 +13,24 @@ Two clocks per event, both conservative in a different way:
 
 E-mail: CreateTime of the terminal event against the moment the SMTP sink received the
 message for that job.
+
+A warm-up at the same rate comes first and is not measured: a freshly started broker
+spends about half a core on its JIT compiler for its first minute, and the host its
+first seconds on imports and caches — a running platform pays neither. The bench also
+prints the cores each process used while measured, since on a small machine they all
+share them.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 import threading
 import time
 from collections import defaultdict
 from typing import Any
 
+from horizons_bench.cpu import CpuShares, listener_pid
 from horizons_bench.harness import BenchContext
 from horizons_bench.hostproc import HostProcess
 from horizons_bench.offsets import TP, OffsetProbe
@@ -119,9 +127,14 @@ def _email_latencies(ledger: Ledger, smtp: SmtpSink) -> list[float]:
 
 
 def run(
-    ctx: BenchContext, rate: float = 1000.0, seconds: float = 30.0, seed: int = 7
+    ctx: BenchContext,
+    rate: float = 1000.0,
+    seconds: float = 30.0,
+    seed: int = 7,
+    warmup: float = 20.0,
 ) -> BenchResult:
-    result = BenchResult("latency", params={"rate": rate, "seconds": seconds, "seed": seed})
+    params = {"rate": rate, "seconds": seconds, "seed": seed, "warmup_s": warmup}
+    result = BenchResult("latency", params=params)
     with SmtpSink(own_process=True) as smtp:
         settings = ctx.settings("latency", smtp_port=smtp.port)
         topics = group_topics(settings)
@@ -130,9 +143,28 @@ def run(
         try:
             ctx.progress.say(f"latency: host pid {host.pid}, ready in {host.wait_ready():.1f} s")
             watcher = CommitWatcher(OffsetProbe(settings, topics)).start()
+            warm = Ledger()
+            if warmup > 0:
+                ctx.progress.say(f"latency: warming up at {rate:,.0f} events/s for {warmup:.0f} s")
+                produce_jobs(
+                    settings,
+                    int(rate * warmup),
+                    LedgerPublisher(settings, warm),
+                    rate=rate,
+                    seed=seed + 1,
+                    progress=lambda n, total: ctx.progress.status(f"warm-up: sent {n:,}/{total:,}"),
+                )
             ledger = Ledger(track=True)
             publisher = LedgerPublisher(settings, ledger)  # the platform's own producer config
             ctx.progress.say(f"latency: producing {rate:,.0f} events/s for {seconds:.0f} s")
+            cpu = CpuShares(
+                {
+                    "consumer host": host.pid,
+                    "broker": _broker_pid(settings),
+                    "load generator (this process)": os.getpid(),
+                    "SMTP sink": smtp.pid,
+                }
+            ).start()
             started = time.monotonic()
             produce_jobs(
                 settings,
@@ -143,11 +175,12 @@ def run(
                 progress=lambda n, total: ctx.progress.status(f"latency: sent {n:,}/{total:,}"),
             )
             achieved = ledger.total / (time.monotonic() - started)
+            cores = cpu.stop()
 
             def drained() -> bool:
                 states = probe.snapshot()
                 return all(s.caught_up for s in states.values()) and (
-                    smtp.distinct() >= ledger.terminal
+                    smtp.distinct() >= warm.terminal + ledger.terminal
                 )
 
             wait_until(drained, timeout=300, interval=0.5, what="consumers and e-mails")
@@ -176,6 +209,15 @@ def run(
     for name, values in rows.items():
         result.add(_p99(f"produce → {name} (lower bound)", values, None))
     result.add(_p99("job finished → e-mail received", emails, EMAIL_TARGET))
+    for name, used in cores.items():
+        what = "machine (every process)" if name == "machine" else name
+        note = f"of {os.cpu_count()} cores" if name == "machine" else ""
+        result.add(Figure(f"CPU while measured: {what}", used, "cores", note=note))
+    result.notes.append(
+        f"not measured: a {warmup:.0f} s warm-up at the same rate first (JIT, caches)"
+        if warmup > 0
+        else "no warm-up: a fresh broker's JIT compiler competes for the cores"
+    )
     result.notes.append(
         f"committed offsets sampled every {SAMPLE_INTERVAL_S * 1000:.0f} ms "
         f"({watcher.polls:,} polls): committed figures are upper bounds by that much"
@@ -187,8 +229,17 @@ def run(
         "job_to_email": summary_ms(emails),
         "emails_received": len(smtp.snapshot()),
         "emails_expected": ledger.terminal,
+        "cpu_cores": {k: round(v, 3) for k, v in cores.items()},
     }
     return result
+
+
+def _broker_pid(settings: Settings) -> int | None:
+    """The local broker's process (the first bootstrap address's listener), if local."""
+    host, _, port = settings.bootstrap.split(",")[0].rpartition(":")
+    if host not in ("127.0.0.1", "localhost") or not port.isdigit():
+        return None
+    return listener_pid(int(port))
 
 
 def _p99(

@@ -116,6 +116,11 @@ class SmtpSink:
         self._controller.start()
         return self
 
+    @property
+    def pid(self) -> int:
+        """The server's process (this one unless ``own_process``)."""
+        return self._proc.pid if self._proc is not None else os.getpid()
+
     def _start_process(self) -> SmtpSink:
         fd, name = tempfile.mkstemp(prefix="horizons-smtp-", suffix=".log")
         os.close(fd)
