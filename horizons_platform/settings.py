@@ -127,7 +127,7 @@ class Settings(BaseSettings):
     smtp_backoff_initial_s: float = 1.0
     smtp_backoff_max_s: float = 60.0
     notify_on_submit: bool = False
-    smtp_connections: int = 4  # SMTP sessions the outbox sends over side by side
+    smtp_connections: int = 8  # SMTP sessions the outbox sends over side by side
     outbox_batch: int = 100  # notifications claimed per round (at risk of a resend in a crash)
 
     # --- metrics service --------------------------------------------------------------
