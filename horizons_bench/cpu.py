@@ -9,7 +9,10 @@ minute here (docs/kpis.md).
 from __future__ import annotations
 
 import contextlib
+import re
 import time
+from collections import Counter
+from pathlib import Path
 
 import psutil
 
@@ -67,3 +70,44 @@ class CpuShares:
                 self.cores[name] = (cpu - self._start[name]) / elapsed
         self.cores["machine"] = (self._machine() - self._machine_start) / elapsed
         return self.cores
+
+
+def _thread_ticks(pid: int) -> dict[str, tuple[str, int]]:
+    """Every thread of ``pid``: its OS name and CPU ticks (user + system)."""
+    out: dict[str, tuple[str, int]] = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = (task / "stat").read_text()
+            fields = stat.rsplit(")", 1)[1].split()
+            ticks = int(fields[11]) + int(fields[12])
+            out[task.name] = ((task / "comm").read_text().strip(), ticks)
+    return out
+
+
+class ThreadShares:
+    """Cores per kind of thread of one process (the host names its threads for the OS:
+    horizons_platform/threads.py) between :meth:`start` and :meth:`stop` (Linux)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self._start: dict[str, tuple[str, int]] = {}
+        self._t0 = 0.0
+
+    def start(self) -> ThreadShares:
+        self._t0 = time.monotonic()
+        if self.pid is not None:
+            self._start = _thread_ticks(self.pid)
+        return self
+
+    def stop(self) -> dict[str, float]:
+        """Cores by thread name, numbered siblings together ("smtp_3" → "smtp"), the
+        busiest first."""
+        if self.pid is None:
+            return {}
+        elapsed = max(1e-9, time.monotonic() - self._t0)
+        hz = 100.0  # USER_HZ: /proc counts CPU time in hundredths of a second
+        totals: Counter[str] = Counter()
+        for tid, (name, ticks) in _thread_ticks(self.pid).items():
+            before = self._start.get(tid, (name, 0))[1]
+            totals[re.sub(r"[_-]?\d+$", "", name) or name] += (ticks - before) / hz / elapsed
+        return {name: round(cores, 3) for name, cores in totals.most_common() if cores >= 0.005}

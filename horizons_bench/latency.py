@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from horizons_bench.cpu import CpuShares, listener_pid
+from horizons_bench.cpu import CpuShares, ThreadShares, listener_pid
 from horizons_bench.harness import BenchContext
 from horizons_bench.hostproc import HostProcess
 from horizons_bench.offsets import TP, OffsetProbe
@@ -165,6 +165,7 @@ def run(
                     "SMTP sink": smtp.pid,
                 }
             ).start()
+            host_threads = ThreadShares(host.pid).start()
             started = time.monotonic()
             produce_jobs(
                 settings,
@@ -176,6 +177,7 @@ def run(
             )
             achieved = ledger.total / (time.monotonic() - started)
             cores = cpu.stop()
+            by_thread = host_threads.stop()
 
             def drained() -> bool:
                 states = probe.snapshot()
@@ -213,6 +215,9 @@ def run(
         what = "machine (every process)" if name == "machine" else name
         note = f"of {os.cpu_count()} cores" if name == "machine" else ""
         result.add(Figure(f"CPU while measured: {what}", used, "cores", note=note))
+    if by_thread:
+        top = ", ".join(f"{name} {used:.2f}" for name, used in list(by_thread.items())[:8])
+        result.notes.append(f"consumer host by thread (cores): {top}")
     result.notes.append(
         f"not measured: a {warmup:.0f} s warm-up at the same rate first (JIT, caches)"
         if warmup > 0
@@ -230,6 +235,7 @@ def run(
         "emails_received": len(smtp.snapshot()),
         "emails_expected": ledger.terminal,
         "cpu_cores": {k: round(v, 3) for k, v in cores.items()},
+        "host_cpu_cores_by_thread": by_thread,
     }
     return result
 

@@ -37,6 +37,7 @@ from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.owner import StoreOwner
+from horizons_platform.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,11 @@ class Host:
         self.metrics.outbox_sent.labels("sent" if ok else "failed").inc()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
+        def run() -> None:
+            name_this_thread()
+            target()
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 

@@ -33,6 +33,7 @@ from horizons_platform.kafka.records import Batch, Handler, Tables, now
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreBase
+from horizons_platform.threads import name_this_thread
 
 if TYPE_CHECKING:
     from horizons_platform.runtime.prometheus import HostMetrics
@@ -94,7 +95,9 @@ class ConsumerLoop:
             handler, store, send_dead_letters=self._send_dead_letters, extra_rows=self._signals
         )
         # One writer thread: batch N's transaction runs there while batch N+1 is polled.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"store-{self.group}")
+        self._writer = ThreadPoolExecutor(
+            1, thread_name_prefix=f"store-{self.group}", initializer=name_this_thread
+        )
         self._in_flight: Future[dict[tuple[str, int], int]] | None = None
         # Per partition held whose stored next offset Kafka has not yet been seen to
         # hold: that offset and when it was last sent (_verify_commits).

@@ -32,6 +32,7 @@ import pyarrow as pa
 from horizons_platform.services.notifications import header_safe
 from horizons_platform.settings import Settings
 from horizons_platform.store.base import StoreBase
+from horizons_platform.threads import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,9 @@ class OutboxDispatcher:
         # A few SMTP sessions side by side: one smtplib session does a few hundred
         # messages/s (every message is 4–5 round trips), and the stream needs more.
         self.sessions = [SmtpSession(settings) for _ in range(max(1, settings.smtp_connections))]
-        self._pool = ThreadPoolExecutor(len(self.sessions), thread_name_prefix="smtp")
+        self._pool = ThreadPoolExecutor(
+            len(self.sessions), thread_name_prefix="smtp", initializer=name_this_thread
+        )
         self._wake = threading.Event()
         self.claim_timeout_s = max(10.0, 2 * settings.smtp_timeout_s)
         self._unwritten: list[Outcome] = []  # sent or failed, recorded with the next claim

@@ -15,7 +15,17 @@ PACKAGE = Path(__file__).resolve().parents[2] / "horizons_platform"
 # host and the operator's actions → Dagster → the command line. (The benchmarks are a
 # sibling package, horizons_bench, that may use all of it.)
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("settings", "events", "tracing", "logs", "progress", "waiting", "event_schemas", "output"),
+    (
+        "settings",
+        "events",
+        "tracing",
+        "logs",
+        "progress",
+        "waiting",
+        "threads",
+        "event_schemas",
+        "output",
+    ),
     ("store",),
     ("kafka",),
     ("services",),
