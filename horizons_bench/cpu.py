@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -106,8 +105,10 @@ class ThreadShares:
             return {}
         elapsed = max(1e-9, time.monotonic() - self._t0)
         hz = 100.0  # USER_HZ: /proc counts CPU time in hundredths of a second
-        totals: Counter[str] = Counter()
+        totals: dict[str, float] = {}
         for tid, (name, ticks) in _thread_ticks(self.pid).items():
             before = self._start.get(tid, (name, 0))[1]
-            totals[re.sub(r"[_-]?\d+$", "", name) or name] += (ticks - before) / hz / elapsed
-        return {name: round(cores, 3) for name, cores in totals.most_common() if cores >= 0.005}
+            kind = re.sub(r"[_-]?\d+$", "", name) or name
+            totals[kind] = totals.get(kind, 0.0) + (ticks - before) / hz / elapsed
+        busiest = sorted(totals.items(), key=lambda kv: kv[1], reverse=True)
+        return {name: round(cores, 3) for name, cores in busiest if cores >= 0.005}
