@@ -16,15 +16,6 @@ from pathlib import Path
 import psutil
 
 
-def listener_pid(port: int) -> int | None:
-    """The process listening on 127.0.0.1:``port`` (a local broker), if any."""
-    with contextlib.suppress(psutil.Error):
-        for conn in psutil.net_connections(kind="tcp"):
-            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
-                return conn.pid
-    return None
-
-
 class CpuShares:
     """CPU seconds of named processes between :meth:`start` and :meth:`stop`, as cores."""
 
@@ -71,15 +62,14 @@ class CpuShares:
         return self.cores
 
 
-def _thread_ticks(pid: int) -> dict[str, tuple[str, int]]:
-    """Every thread of ``pid``: its OS name and CPU ticks (user + system)."""
-    out: dict[str, tuple[str, int]] = {}
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (task / "stat").read_text()
-            fields = stat.rsplit(")", 1)[1].split()
-            ticks = int(fields[11]) + int(fields[12])
-            out[task.name] = ((task / "comm").read_text().strip(), ticks)
+def _thread_times(pid: int) -> dict[int, tuple[str, float]]:
+    """Every thread of ``pid``: its OS name and CPU seconds (user + system)."""
+    out: dict[int, tuple[str, float]] = {}
+    with contextlib.suppress(psutil.Error):
+        for thread in psutil.Process(pid).threads():
+            comm = Path(f"/proc/{pid}/task/{thread.id}/comm")
+            with contextlib.suppress(OSError):
+                out[thread.id] = (comm.read_text().strip(), thread.user_time + thread.system_time)
     return out
 
 
@@ -89,13 +79,13 @@ class ThreadShares:
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
-        self._start: dict[str, tuple[str, int]] = {}
+        self._start: dict[int, tuple[str, float]] = {}
         self._t0 = 0.0
 
     def start(self) -> ThreadShares:
         self._t0 = time.monotonic()
         if self.pid is not None:
-            self._start = _thread_ticks(self.pid)
+            self._start = _thread_times(self.pid)
         return self
 
     def stop(self) -> dict[str, float]:
@@ -104,11 +94,10 @@ class ThreadShares:
         if self.pid is None:
             return {}
         elapsed = max(1e-9, time.monotonic() - self._t0)
-        hz = 100.0  # USER_HZ: /proc counts CPU time in hundredths of a second
         totals: dict[str, float] = {}
-        for tid, (name, ticks) in _thread_ticks(self.pid).items():
-            before = self._start.get(tid, (name, 0))[1]
+        for tid, (name, seconds) in _thread_times(self.pid).items():
+            before = self._start.get(tid, (name, 0.0))[1]
             kind = re.sub(r"[_-]?\d+$", "", name) or name
-            totals[kind] = totals.get(kind, 0.0) + (ticks - before) / hz / elapsed
+            totals[kind] = totals.get(kind, 0.0) + (seconds - before) / elapsed
         busiest = sorted(totals.items(), key=lambda kv: kv[1], reverse=True)
         return {name: round(cores, 3) for name, cores in busiest if cores >= 0.005}

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from horizons_bench.cpu import CpuShares, ThreadShares, listener_pid
+from horizons_bench.cpu import CpuShares, ThreadShares
 from horizons_bench.harness import BenchContext
 from horizons_bench.hostproc import HostProcess
 from horizons_bench.offsets import TP, OffsetProbe
@@ -39,6 +39,7 @@ from horizons_bench.smtp import SmtpSink
 from horizons_bench.stats import summary_ms
 from horizons_bench.workload import Ledger, LedgerPublisher, Sent, produce_jobs
 from horizons_platform import events as ev
+from horizons_platform.kafka.broker import listener_pid
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.client import Store

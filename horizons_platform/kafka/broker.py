@@ -197,17 +197,22 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return _last_lines(text, lines)
 
 
-def _port_owner(port: int) -> str:
-    """Best-effort description of who listens on ``port`` (may need privileges)."""
-    try:
+def listener_pid(port: int) -> int | None:
+    """The process listening on TCP ``port`` on this machine (best effort: may need
+    privileges)."""
+    with contextlib.suppress(psutil.Error, OSError):
         for conn in psutil.net_connections(kind="tcp"):
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
-                if conn.pid is None:
-                    break
-                proc = psutil.Process(conn.pid)
-                return f"{proc.name()} (pid {conn.pid})"
-    except (psutil.Error, OSError):
-        pass
+                return conn.pid
+    return None
+
+
+def _port_owner(port: int) -> str:
+    """Best-effort description of who listens on ``port``."""
+    pid = listener_pid(port)
+    if pid is not None:
+        with contextlib.suppress(psutil.Error):
+            return f"{psutil.Process(pid).name()} (pid {pid})"
     return "another process"
 
 

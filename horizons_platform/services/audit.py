@@ -378,8 +378,8 @@ class AuditHandler(Handler):
         # but our own published heads arrived since (else a head would beget a head).
         self._signer: Ed25519PrivateKey | None = None
         self._signed: tuple[int, float] = (0, 0.0)  # (seq, monotonic time)
-        self._signing: tuple[int, float] | None = None
-        self._head_publication: str | None = None  # enqueued with the signing batch
+        # The head signed in the batch being written: (seq, time, publication id).
+        self._signing: tuple[int, float, str] | None = None
         self._events_since_head = False
 
     def topics(self) -> list[str]:
@@ -428,18 +428,18 @@ class AuditHandler(Handler):
         super().persist(con, rows, dedupe=dedupe)
 
     def rollback(self) -> None:
-        self._tail = self._pending = self._signing = self._head_publication = None
+        self._tail = self._pending = self._signing = None
 
     def after_commit(self, rows: Tables) -> None:
         if self._pending is not None:
             self._tail, self._pending = self._pending, None
         if self._signing is not None:
-            self._signed, self._signing = self._signing, None
+            seq, signed_at, publication = self._signing
+            self._signed, self._signing = (seq, signed_at), None
             self._events_since_head = False
-            if self._head_publication is not None and self.publish_soon is not None:
+            if self.publish_soon is not None:
                 # Kafka witnesses the head within moments, not at the next sweep.
-                self.publish_soon([self._head_publication])
-            self._head_publication = None
+                self.publish_soon([publication])
 
     def on_stop(self, store: StoreBase) -> None:
         """A last head over everything stored, so a restart begins fully signed."""
@@ -475,8 +475,7 @@ class AuditHandler(Handler):
         key = HEAD_KEY.decode()
         row = tables.publication_row(self.settings.topic_audit_trail, record, key)
         tables.insert(con, "publications", [row])
-        self._signing = (seq, time.monotonic())
-        self._head_publication = row["publication_id"]
+        self._signing = (seq, time.monotonic(), row["publication_id"])
 
 
 def iter_rows(
