@@ -110,6 +110,7 @@ def _print_broker_status(broker: EmbeddedBroker) -> int:
 
 def cmd_consume(args: argparse.Namespace) -> int:
     from horizons_platform.host import run_host
+    from horizons_platform.threads import exit_within
 
     groups = tuple(args.service) if args.service else SERVICE_GROUPS
     settings = _settings()
@@ -137,6 +138,7 @@ def cmd_consume(args: argparse.Namespace) -> int:
         on_standby=lambda message: print(message, file=sys.stderr),
     )
     print(f"consumers stopped (exit {code})", file=sys.stderr)
+    exit_within(settings.shutdown_timeout_s)
     return code
 
 

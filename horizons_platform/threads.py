@@ -3,12 +3,14 @@
 Python names its threads for itself only; `top -H`, `ps -L` and /proc show every thread
 of the host as "python". Each host thread writes a short form of its name (Linux keeps
 15 bytes) into its own ``comm``, so an operator — or `horizons bench latency` — sees
-which service a busy thread belongs to.
+which service a busy thread belongs to. And a stopped host leaves even when a thread it
+does not own never ends (``exit_within``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import re
 import threading
 from pathlib import Path
@@ -35,3 +37,16 @@ def name_this_thread() -> None:
     comm = Path(f"/proc/self/task/{threading.get_native_id()}/comm")
     with contextlib.suppress(OSError):
         comm.write_text(os_name(threading.current_thread().name))
+
+
+def exit_within(seconds: float) -> None:
+    """Make sure this process is gone ``seconds`` from now, whatever still runs.
+
+    Called once the host has flushed and closed everything it owns. The interpreter's
+    exit then joins every non-daemon thread a library started; one that never ends (a
+    Kafka client's destroy waiting on a broker, a pool worker in a socket call) would keep
+    a SIGTERMed host alive for ever, holding the DuckDB file its standby waits for.
+    faulthandler's watchdog is a C thread that needs no GIL: past the deadline it writes
+    every thread's stack to stderr — the reason, for the log — and exits with status 1.
+    """
+    faulthandler.dump_traceback_later(seconds, exit=True)

@@ -1,9 +1,12 @@
-"""Host threads carry their names to the OS (top -H, /proc), shortened to 15 bytes."""
+"""Host threads carry their names to the OS (top -H, /proc), shortened to 15 bytes; a
+stopped host exits even when a thread it does not own never ends."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,23 @@ def test_a_thread_names_itself_for_the_os() -> None:
     thread.start()
     thread.join()
     assert seen == ["store-metrics"]
+
+
+def test_a_thread_that_never_ends_cannot_keep_the_process_alive() -> None:
+    """A stopped host leaves even if a library's non-daemon thread never returns, and
+    says where that thread was."""
+    script = (
+        "import threading\n"
+        "from horizons_platform.threads import exit_within\n"
+        "def stuck_in_a_library():\n"
+        "    threading.Event().wait()\n"
+        "threading.Thread(target=stuck_in_a_library).start()\n"
+        "exit_within(1.0)\n"
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert time.monotonic() - started < 30
+    assert done.returncode == 1
+    assert "stuck_in_a_library" in done.stderr
