@@ -34,7 +34,14 @@ from horizons_platform.waiting import wait_until
 from horizons_platform_tests.support import start_consumer
 
 LIFECYCLE_GROUPS = ("notifications", "compliance-auditor", "metrics")
-STALL_LIMIT_S = 2.0
+BASELINE_S = 12.0
+QUERY_ADDS_AT_MOST_S = 1.0
+
+
+def longest_gap(times: list[float], start: float, end: float) -> float:
+    """The longest time in [start, end] without a commit."""
+    inside = [t for t in times if start <= t <= end]
+    return max(b - a for a, b in pairwise([start, *inside, end]))
 
 
 @pytest.fixture
@@ -183,6 +190,10 @@ def test_a_15s_query_never_stalls_the_consumers(settings: Settings, tmp_path: Pa
 
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
+        # The same stream without a query first: what the machine and the broker alone
+        # do to the gaps (on a 3-node cluster on two cores, 1-2 s with no query at all).
+        quiet_from = time.monotonic()
+        time.sleep(BASELINE_S)  # a window to measure, not a wait for something
         started = time.monotonic()
         query = horizons(
             settings, "query", "SELECT count(DISTINCT i % 50000021) AS n FROM range(60000000) t(i)"
@@ -196,18 +207,23 @@ def test_a_15s_query_never_stalls_the_consumers(settings: Settings, tmp_path: Pa
         assert elapsed >= 10, f"the query took only {elapsed:.1f}s: not a long query"
         assert producer.is_alive(), "the stream ended before the query did"
         for group, times in moves.items():
-            during = [t for t in times if started <= t <= ended]
-            worst = max(b - a for a, b in pairwise([started, *during, ended]))
+            quiet = longest_gap(times, quiet_from, started)
+            worst = longest_gap(times, started, ended)
+            during = sum(started <= t <= ended for t in times)
             print(
-                f"\n{group}: {len(during)} commits during the {elapsed:.1f}s query, "
-                f"longest gap {worst:.2f}s"
+                f"\n{group}: {during} commits during the {elapsed:.1f}s query, longest gap "
+                f"{worst:.2f}s ({quiet:.2f}s in the {BASELINE_S:.0f}s before it)"
             )
             # Before the owner, this query stopped ingest for its whole 15+ s. The issue's
-            # target is 1 s: `horizons bench query` (committed offsets sampled every 20 ms)
-            # measures 0.19-0.32 s; this watcher samples three groups through Kafka from
-            # the busy test process and has seen 0.62-0.93 s, so it guards against a stall
-            # (2 s) rather than assert the target at its own resolution.
-            assert worst <= STALL_LIMIT_S, f"{group} stalled {worst:.2f}s during the query"
+            # 1 s is a target for `horizons bench query` (commits sampled every 20 ms from
+            # a quiet process: 0.2-0.8 s); here three groups are sampled through Kafka by
+            # the busy test process, so the query may add up to 1 s to the longest gap
+            # the same stream shows without it (counted up to 2 s: a stream that stalls
+            # on its own cannot excuse a stall of the query's).
+            limit = min(quiet, 2.0) + QUERY_ADDS_AT_MOST_S
+            assert worst <= limit, (
+                f"{group} stalled {worst:.2f}s during the query ({quiet:.2f}s without it)"
+            )
     finally:
         stream_stop.set()
         if producer is not None:
