@@ -7,6 +7,9 @@ Two clocks per event, both conservative in a different way:
   group's committed offset (sampled every ~20 ms from the broker) passed it. The loop
   commits to Kafka right after the DuckDB transaction, so this is an upper bound on
   produce → durable in DuckDB, by at most the sampling interval.
+* produce → stored: the host's own histogram (``horizons_produce_to_stored_seconds``),
+  each record's age at the DuckDB commit of its batch, read from /metrics before and
+  after the measured window — exact up to its 10 ms buckets around the target.
 * produce → row stamp: the same CreateTime against the row's own ``ingested_at`` /
   ``recorded_at``, which the handler stamps *before* the transaction commits: a lower
   bound.
@@ -30,19 +33,21 @@ import time
 from collections import defaultdict
 from typing import Any
 
+from horizons_bench import hostmetrics
 from horizons_bench.cpu import CpuShares, ThreadShares
 from horizons_bench.harness import BenchContext
 from horizons_bench.hostproc import HostProcess
 from horizons_bench.offsets import TP, OffsetProbe
 from horizons_bench.report import BenchResult, Figure, Target
 from horizons_bench.smtp import SmtpSink
-from horizons_bench.stats import summary_ms
+from horizons_bench.stats import histogram_quantile, summary_ms
 from horizons_bench.workload import Ledger, LedgerPublisher, Sent, produce_jobs
 from horizons_platform import events as ev
 from horizons_platform.kafka.broker import listener_pid
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.client import Store
+from horizons_platform.store.owner import free_port
 from horizons_platform.waiting import wait_until
 
 STORED_TARGET = Target("le", 150)
@@ -137,7 +142,8 @@ def run(
     params = {"rate": rate, "seconds": seconds, "seed": seed, "warmup_s": warmup}
     result = BenchResult("latency", params=params)
     with SmtpSink(own_process=True) as smtp:
-        settings = ctx.settings("latency", smtp_port=smtp.port)
+        metrics_port = free_port()
+        settings = ctx.settings("latency", smtp_port=smtp.port, metrics_port=metrics_port)
         topics = group_topics(settings)
         probe = OffsetProbe(settings, topics)
         host = HostProcess(settings, ctx.run_dir / "host-latency.log").start()
@@ -167,6 +173,7 @@ def run(
                 }
             ).start()
             host_threads = ThreadShares(host.pid).start()
+            stored_before = hostmetrics.stored_buckets(hostmetrics.scrape(metrics_port))
             started = time.monotonic()
             produce_jobs(
                 settings,
@@ -188,6 +195,9 @@ def run(
 
             wait_until(drained, timeout=300, interval=0.5, what="consumers and e-mails")
             watcher.stop()
+            stored = hostmetrics.between(
+                stored_before, hostmetrics.stored_buckets(hostmetrics.scrape(metrics_port))
+            )
         finally:
             host.stop()
 
@@ -205,6 +215,26 @@ def run(
     emails = _email_latencies(ledger, smtp)
 
     result.add(Figure("achieved produce rate", achieved, "events/s", note=f"{ledger.total:,}"))
+    stored_ms: dict[str, dict[str, float | None]] = {}
+    for group in SERVICE_GROUPS:
+        buckets = stored.get(group, [])
+        p50, p99 = (histogram_quantile(buckets, q) for q in (0.5, 0.99))
+        stored_ms[group] = {
+            "n": buckets[-1][1] if buckets else 0,
+            "p50_ms": None if p50 is None else round(p50 * 1000, 1),
+            "p99_ms": None if p99 is None else round(p99 * 1000, 1),
+        }
+        width = hostmetrics.bucket_width_at(buckets, p99) if p99 is not None else 0.0
+        result.add(
+            Figure(
+                f"produce → stored, {group} p99",
+                stored_ms[group]["p99_ms"],
+                "ms",
+                STORED_TARGET,
+                note=f"host's histogram at the commit, ±{width * 1000:.0f} ms",
+            )
+        )
+        result.add(Figure(f"produce → stored, {group} p50", stored_ms[group]["p50_ms"], "ms"))
     for group, values in by_group.items():
         result.add(_p99(f"produce → committed, {group}", values, STORED_TARGET, BEFORE_P99_MS))
         p50 = summary_ms(values)["p50_ms"]
@@ -230,6 +260,7 @@ def run(
     )
     result.details = {
         "produced": ledger.summary(),
+        "produce_to_stored": stored_ms,
         "produce_to_committed": {g: summary_ms(v) for g, v in by_group.items()},
         "produce_to_row_stamp": {n: summary_ms(v) for n, v in rows.items()},
         "job_to_email": summary_ms(emails),

@@ -38,3 +38,22 @@ def growth_pct(before: float | None, after: float | None) -> float | None:
     if not before or after is None:
         return None
     return 100.0 * (after - before) / before
+
+
+def histogram_quantile(buckets: Sequence[tuple[float, float]], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of a cumulative histogram [(upper bound, count ≤ it)],
+    ascending, the last bound may be inf — Prometheus' histogram_quantile: linear within
+    the bucket the rank falls in; in the +Inf bucket, the highest finite bound."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    lower, below = 0.0, 0.0
+    for upper, count in buckets:
+        if count >= rank:
+            if math.isinf(upper):
+                return lower
+            if count == below:
+                return upper
+            return lower + (upper - lower) * (rank - below) / (count - below)
+        lower, below = upper, count
+    return lower

@@ -251,7 +251,9 @@ class ConsumerLoop:
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         if self.metrics is not None:
-            self.metrics.observe_batch(self.group, batch.topics, polled, commit_started)
+            self.metrics.observe_batch(
+                self.group, batch.topics, polled, commit_started, batch.timestamps
+            )
         return next_offsets
 
     def _finish_in_flight(self) -> None:

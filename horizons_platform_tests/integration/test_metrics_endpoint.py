@@ -10,6 +10,7 @@ from collections.abc import Callable
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
+from horizons_bench.stats import histogram_quantile
 from horizons_platform.host import Host
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.registry import group_topics
@@ -119,3 +120,21 @@ def test_metrics_show_each_groups_lag_as_the_broker_does_during_a_stream(
     assert "horizons_outbox_depth" in final and "horizons_publications_pending" in final
     assert final["horizons_audit_signed_head_age_seconds"][0][1] < 60
     assert sum(v for _, v in final.get("horizons_outbox_sent_total", [])) > 0
+    # produce → stored, counted at each commit: at least every record of the stream (the
+    # platform's own topics keep growing), and a median in seconds that is plausible: more
+    # than nothing, less than 5 s (a unit or clock mistake is off by ~1,000×).
+    counted = final["horizons_produce_to_stored_seconds_count"]
+    latency = {labels["group"]: v for labels, v in counted}
+    streamed = (settings.topic_job_lifecycle, settings.topic_job_metrics)
+    for group in topics:
+        assert latency[group] >= sum(stored.get((group, t), 0) for t in streamed), group
+        assert latency[group] > 0, group
+    for group in topics:
+        buckets = [
+            (float(labels["le"]), v)
+            for labels, v in final["horizons_produce_to_stored_seconds_bucket"]
+            if labels["group"] == group
+        ]
+        median = histogram_quantile(sorted(buckets), 0.5)
+        print(f"{group}: produce → stored p50 {median * 1000:.0f} ms" if median else group)
+        assert median is not None and 0 < median < 5.0, group

@@ -1,0 +1,54 @@
+"""The consumer host's own /metrics, read by the benchmarks.
+
+``horizons_produce_to_stored_seconds`` is measured by the host at each DuckDB commit
+(now − the record's Kafka timestamp): the exact produce → stored latency, where the
+committed offsets a benchmark samples from the broker are an upper bound (the Kafka
+commit's round trip and the sampling interval come on top).
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+Buckets = list[tuple[float, float]]  # (upper bound in seconds, cumulative count)
+STORED = "horizons_produce_to_stored_seconds"
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        return str(response.read().decode())
+
+
+def stored_buckets(text: str) -> dict[str, Buckets]:
+    """Per group, the produce → stored histogram's cumulative buckets."""
+    out: dict[str, Buckets] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != STORED:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{STORED}_bucket":
+                le = float(sample.labels["le"])  # "+Inf" → inf
+                out.setdefault(sample.labels["group"], []).append((le, sample.value))
+    return {g: sorted(b, key=lambda x: x[0]) for g, b in out.items()}
+
+
+def between(before: dict[str, Buckets], after: dict[str, Buckets]) -> dict[str, Buckets]:
+    """What was counted between two scrapes (the measured window only)."""
+    out: dict[str, Buckets] = {}
+    for group, buckets in after.items():
+        earlier = dict(before.get(group, []))
+        out[group] = [(le, count - earlier.get(le, 0.0)) for le, count in buckets]
+    return out
+
+
+def bucket_width_at(buckets: Buckets, value_s: float) -> float:
+    """How wide the bucket holding ``value_s`` is (the quantile's resolution there)."""
+    lower = 0.0
+    for upper, _ in buckets:
+        if value_s <= upper:
+            return math.inf if math.isinf(upper) else upper - lower
+        lower = upper
+    return math.inf
