@@ -62,14 +62,19 @@ class CpuShares:
         return self.cores
 
 
-def _thread_times(pid: int) -> dict[int, tuple[str, float]]:
-    """Every thread of ``pid``: its OS name and CPU seconds (user + system)."""
-    out: dict[int, tuple[str, float]] = {}
+def _thread_times(pid: int) -> dict[int, tuple[str, float, float]]:
+    """Every thread of ``pid``: its OS name, CPU seconds (user + system) and seconds spent
+    runnable but waiting for a CPU (the kernel's schedstat; 0 where it is not kept)."""
+    out: dict[int, tuple[str, float, float]] = {}
     with contextlib.suppress(psutil.Error):
         for thread in psutil.Process(pid).threads():
-            comm = Path(f"/proc/{pid}/task/{thread.id}/comm")
+            task = Path(f"/proc/{pid}/task/{thread.id}")
             with contextlib.suppress(OSError):
-                out[thread.id] = (comm.read_text().strip(), thread.user_time + thread.system_time)
+                name = (task / "comm").read_text().strip()
+                waited = 0.0
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    waited = int((task / "schedstat").read_text().split()[1]) / 1e9
+                out[thread.id] = (name, thread.user_time + thread.system_time, waited)
     return out
 
 
@@ -79,8 +84,11 @@ class ThreadShares:
 
     def __init__(self, pid: int | None) -> None:
         self.pid = pid
-        self._start: dict[int, tuple[str, float]] = {}
+        self._start: dict[int, tuple[str, float, float]] = {}
         self._t0 = 0.0
+        # Per kind of thread, the share of the window it was runnable but had no CPU: on
+        # a saturated machine this, not the work itself, is where latency goes.
+        self.waiting: dict[str, float] = {}
 
     def start(self) -> ThreadShares:
         self._t0 = time.monotonic()
@@ -95,9 +103,13 @@ class ThreadShares:
             return {}
         elapsed = max(1e-9, time.monotonic() - self._t0)
         totals: dict[str, float] = {}
-        for tid, (name, seconds) in _thread_times(self.pid).items():
-            before = self._start.get(tid, (name, 0.0))[1]
+        waiting: dict[str, float] = {}
+        for tid, (name, seconds, waited) in _thread_times(self.pid).items():
+            _, cpu_before, waited_before = self._start.get(tid, (name, 0.0, 0.0))
             kind = re.sub(r"[_-]?\d+$", "", name) or name
-            totals[kind] = totals.get(kind, 0.0) + (seconds - before) / elapsed
+            totals[kind] = totals.get(kind, 0.0) + (seconds - cpu_before) / elapsed
+            waiting[kind] = waiting.get(kind, 0.0) + (waited - waited_before) / elapsed
         busiest = sorted(totals.items(), key=lambda kv: kv[1], reverse=True)
-        return {name: round(cores, 3) for name, cores in busiest if cores >= 0.005}
+        kept = {name: round(cores, 3) for name, cores in busiest if cores >= 0.005}
+        self.waiting = {name: round(waiting[name], 3) for name in kept}
+        return kept

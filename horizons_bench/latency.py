@@ -247,8 +247,15 @@ def run(
         note = f"of {os.cpu_count()} cores" if name == "machine" else ""
         result.add(Figure(f"CPU while measured: {what}", used, "cores", note=note))
     if by_thread:
-        top = ", ".join(f"{name} {used:.2f}" for name, used in list(by_thread.items())[:8])
-        result.notes.append(f"consumer host by thread (cores): {top}")
+        waits = host_threads.waiting
+        top = ", ".join(
+            f"{name} {used:.2f}/{waits.get(name, 0.0):.2f}"
+            for name, used in list(by_thread.items())[:8]
+        )
+        result.notes.append(
+            f"consumer host by thread (cores on a CPU / cores' worth waiting for one): {top}; "
+            f"all its threads waited {sum(waits.values()):.2f} for a CPU"
+        )
     result.notes.append(
         f"not measured: a {warmup:.0f} s warm-up at the same rate first (JIT, caches)"
         if warmup > 0
@@ -268,6 +275,7 @@ def run(
         "emails_expected": ledger.terminal,
         "cpu_cores": {k: round(v, 3) for k, v in cores.items()},
         "host_cpu_cores_by_thread": by_thread,
+        "host_cpu_wait_by_thread": host_threads.waiting,
     }
     return result
 
