@@ -45,7 +45,7 @@ def exit_within(seconds: float) -> None:
     Called once the host has flushed and closed everything it owns. The interpreter's
     exit then joins every non-daemon thread a library started; one that never ends (a
     Kafka client's destroy waiting on a broker, a pool worker in a socket call) would keep
-    a SIGTERMed host alive for ever, holding the DuckDB file its standby waits for.
+    a SIGTERMed host alive for ever, and its supervisor (or `horizons up`) waiting on it.
     faulthandler's watchdog is a C thread that needs no GIL: past the deadline it writes
     every thread's stack to stderr — the reason, for the log — and exits with status 1.
     """
