@@ -13,10 +13,12 @@ server-side session (one per thread here).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
@@ -40,6 +42,16 @@ INSERT_CHUNK_ROWS = 500
 _FILE_LOCK = threading.RLock()
 _MIGRATED: set[Path] = set()
 _SESSIONS = threading.local()
+# Every open session, whichever thread made it: closed at exit, while the interpreter
+# still runs, rather than by a destructor during finalization (which may wait on a
+# server whose threads can no longer run).
+_OPEN_SESSIONS: weakref.WeakSet[_Session] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_sessions() -> None:
+    for session in list(_OPEN_SESSIONS):
+        session.close()
 
 
 def _disconnected(exc: BaseException) -> bool:
@@ -53,8 +65,15 @@ class _Session:
     """A local in-memory DuckDB with the owner's database attached: one Quack session."""
 
     def __init__(self, info: OwnerInfo) -> None:
+        if info.pid == os.getpid():
+            # The owner is this process but not open (starting or stopping): a session
+            # to our own server deadlocks when its destructor runs at exit.
+            raise StoreUnavailable(
+                "the store's owner is this process and it is not open; use it once it is"
+            )
         self.info = info
         self.con = duckdb.connect()
+        _OPEN_SESSIONS.add(self)
         try:
             load_extensions(self.con)
             self.con.execute(

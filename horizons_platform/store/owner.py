@@ -130,12 +130,16 @@ class StoreOwner(StoreBase):
             con.execute(f"SET checkpoint_threshold = '{self.settings.store_checkpoint_mb}MB'")
             load_extensions(con)
             migrate(con)
+            # Registered before store.json names this process: a client in this process
+            # must find the owner's cursors, never a Quack session to itself (whose
+            # destructor, run at interpreter exit with the GIL held, waits for this
+            # process's own server: a hang CI has seen).
+            _LOCAL_OWNERS[self.path.resolve()] = self
             if self.serve:
                 self._serve(con)
         except BaseException:
             self.close()
             raise
-        _LOCAL_OWNERS[self.path.resolve()] = self
         return True
 
     def _serve(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -155,12 +159,13 @@ class StoreOwner(StoreBase):
     def close(self) -> None:
         if self._con is None:
             return
-        if _LOCAL_OWNERS.get(self.path.resolve()) is self:
-            del _LOCAL_OWNERS[self.path.resolve()]
+        # store.json goes first, the local registration last (see open()).
         if self.info is not None:
             remove_owner(self.settings)
             with suppress(duckdb.Error):
                 self._con.execute(f"CALL quack_stop('{self.info.uri}')")
+        if _LOCAL_OWNERS.get(self.path.resolve()) is self:
+            del _LOCAL_OWNERS[self.path.resolve()]
         with self._cursors_lock:
             for cur in self._cursors:
                 with suppress(duckdb.Error):
