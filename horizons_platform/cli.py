@@ -110,10 +110,11 @@ def _print_broker_status(broker: EmbeddedBroker) -> int:
 
 def cmd_consume(args: argparse.Namespace) -> int:
     from horizons_platform.host import run_host
-    from horizons_platform.threads import exit_within
+    from horizons_platform.threads import dump_stacks_on, exit_within
 
     groups = tuple(args.service) if args.service else SERVICE_GROUPS
     settings = _settings()
+    dump_stacks_on()  # `kill -USR1 <pid>`: every thread's stack into this output
     print(
         f"consuming from {settings.bootstrap} into {settings.database}: {', '.join(groups)}",
         file=sys.stderr,

@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -37,7 +38,7 @@ from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.owner import StoreOwner
-from horizons_platform.threads import name_this_thread
+from horizons_platform.threads import dump_stacks_after, name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +164,30 @@ class Host:
             self.stop_event.set()
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
-        return all(loop.ready.wait(timeout) for loop in self.loops.values())
+        """True once every consumer has its partitions; False after ``timeout`` or as
+        soon as the host is stopped. A SIGTERM that lands while the consumers are still
+        joining their groups must not wait out the timeout: a loop that stops before
+        its assignment never becomes ready (CI: a host stopped right after its start
+        took 60 s to leave, and its supervisor gave up on it)."""
+        deadline = time.monotonic() + timeout
+        for loop in self.loops.values():
+            while not loop.ready.wait(0.05):
+                if self.stop_event.is_set() or time.monotonic() >= deadline:
+                    return False
+        return True
 
     def stop(self) -> None:
         self.stop_event.set()
 
     def join(self, timeout: float | None = None) -> int:
+        # One deadline for all of them: a thread each given the whole timeout would make
+        # the stop of a host with eight of them take up to eight timeouts.
+        deadline = None if timeout is None else time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout)
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            log.error("still running %.0f s after the stop: %s", timeout or 0, ", ".join(stuck))
         if not any(self.exit_codes.values()):
             self._announce(ev.ConsumerStopped, "stopped")
         lost = [g for g, code in self.exit_codes.items() if code == EXIT_BROKER_LOST]
@@ -257,6 +274,7 @@ def run_host(
 
     def _stop(signum: int, _frame: object) -> None:
         log.info("received %s: stopping after the current batches", signal.Signals(signum).name)
+        dump_stacks_after(settings.shutdown_timeout_s)
         host.stop()
 
     signal.signal(signal.SIGTERM, _stop)

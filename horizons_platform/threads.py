@@ -3,7 +3,9 @@
 Python names its threads for itself only; `top -H`, `ps -L` and /proc show every thread
 of the host as "python". Each host thread writes a short form of its name (Linux keeps
 15 bytes) into its own ``comm``, so an operator — or `horizons bench latency` — sees
-which service a busy thread belongs to. And a stopped host leaves even when a thread it
+which service a busy thread belongs to. A host's threads' stacks can be asked for at any
+time (``dump_stacks_on``: ``kill -USR1 <pid>``) and are written by themselves when a
+shutdown is slow (``dump_stacks_after``); and a stopped host leaves even when a thread it
 does not own never ends (``exit_within``).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import re
+import signal
 import threading
 from pathlib import Path
 
@@ -37,6 +40,21 @@ def name_this_thread() -> None:
     comm = Path(f"/proc/self/task/{threading.get_native_id()}/comm")
     with contextlib.suppress(OSError):
         comm.write_text(os_name(threading.current_thread().name))
+
+
+def dump_stacks_on(signum: int = signal.SIGUSR1) -> None:
+    """Write every thread's Python stack to stderr (the host log) when ``signum`` arrives.
+
+    faulthandler's handler runs in C and needs no GIL, so it answers even a host whose
+    Python threads are deadlocked — the one moment an operator needs it."""
+    faulthandler.register(signum, all_threads=True, chain=False)
+
+
+def dump_stacks_after(seconds: float) -> None:
+    """Write every thread's stack to stderr once, ``seconds`` from now, unless
+    ``exit_within`` (or another call) re-arms the watchdog first: a shutdown that takes
+    longer than it should then says where it waits."""
+    faulthandler.dump_traceback_later(seconds, exit=False)
 
 
 def exit_within(seconds: float) -> None:

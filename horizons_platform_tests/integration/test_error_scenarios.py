@@ -249,3 +249,20 @@ def test_host_rejects_unknown_service(settings: Settings) -> None:
     else:
         raise AssertionError("unknown service accepted")
     ensure_topics(settings)
+
+
+def test_a_host_stopped_while_joining_its_groups_leaves_at_once(settings: Settings) -> None:
+    """SIGTERM right after a start (a supervisor changing its mind, a test that found
+    everything already stored): the consumers never get partitions, and the host must
+    not wait out the readiness timeout before it leaves. The stop lands before the loops
+    run, the one moment where that is certain; anywhere later in the start is the same
+    case when the loops lose the race."""
+    host = Host(settings)
+    host.stop()  # what the SIGTERM handler does
+    assert host.start()
+    started = time.monotonic()
+    assert not host.wait_ready(60)
+    waited = time.monotonic() - started
+    assert host.join(settings.shutdown_timeout_s) == 0
+    assert waited < 5, f"wait_ready took {waited:.1f}s after the stop"
+    assert time.monotonic() - started < 20

@@ -1,8 +1,10 @@
 """Host threads carry their names to the OS (top -H, /proc), shortened to 15 bytes; a
-stopped host exits even when a thread it does not own never ends."""
+stopped host exits even when a thread it does not own never ends; SIGUSR1 shows every
+thread's stack."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -62,3 +64,33 @@ def test_a_thread_that_never_ends_cannot_keep_the_process_alive() -> None:
     assert time.monotonic() - started < 30
     assert done.returncode == 1
     assert "stuck_in_a_library" in done.stderr
+
+
+def test_sigusr1_writes_every_threads_stack_and_the_process_goes_on() -> None:
+    """`kill -USR1 <host>`: where each thread is, even when they are all blocked."""
+    script = (
+        "import sys, threading\n"
+        "from horizons_platform.threads import dump_stacks_on\n"
+        "def waiting_in_a_worker():\n"
+        "    threading.Event().wait()\n"
+        "dump_stacks_on()\n"
+        "threading.Thread(target=waiting_in_a_worker, daemon=True).start()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "print('still here', flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGUSR1)
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    out, err = proc.communicate(timeout=30)
+    assert "still here" in out
+    assert "waiting_in_a_worker" in err
