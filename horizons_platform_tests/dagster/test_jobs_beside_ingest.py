@@ -6,7 +6,6 @@ consumers for as long as it worked."""
 
 from __future__ import annotations
 
-import signal
 import threading
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from horizons_platform.simulate import plan, run_simulation
 from horizons_platform.store.endpoint import read_owner
 from horizons_platform.waiting import wait_until
 from horizons_platform_tests.dagster.conftest import run_job
-from horizons_platform_tests.support import start_consumer
+from horizons_platform_tests.support import start_consumer, stop_consumer
 
 JOBS = ("compliance_report_job", "retention_job", "metrics_rollup_job", "checks_job")
 
@@ -28,7 +27,8 @@ JOBS = ("compliance_report_job", "retention_job", "metrics_rollup_job", "checks_
 def test_report_retention_and_checks_succeed_while_the_host_streams(
     settings: Settings, instance: dg.DagsterInstance, tmp_path: Path
 ) -> None:
-    host = start_consumer(settings, tmp_path / "host.log")
+    host_log = tmp_path / "host.log"
+    host = start_consumer(settings, host_log)
     try:
         wait_until(lambda: read_owner(settings), timeout=60, what="the host serving the store")
         probe = OffsetProbe(settings, group_topics(settings))
@@ -73,5 +73,4 @@ def test_report_retention_and_checks_succeed_while_the_host_streams(
         assert worst and max(worst.values()) < threshold, worst
         traffic.join(60)
     finally:
-        host.send_signal(signal.SIGTERM)
-        host.wait(60)
+        stop_consumer(host, host_log)

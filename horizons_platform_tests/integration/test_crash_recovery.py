@@ -19,7 +19,7 @@ from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.simulate import plan, run_simulation
 from horizons_platform.store.client import Store
 from horizons_platform.waiting import wait_until
-from horizons_platform_tests.support import start_consumer
+from horizons_platform_tests.support import start_consumer, stop_consumer
 
 KILLS = 6
 
@@ -87,8 +87,7 @@ def test_sigkill_during_a_20k_event_stream_loses_and_doubles_nothing(
             what="all notifications sent",
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        stop_consumer(proc, log)
 
     def one(sql: str) -> int:
         return int(store.scalar(sql))  # type: ignore[arg-type]

@@ -31,7 +31,13 @@ from horizons_platform.store.client import Store
 from horizons_platform.store.owner import free_port
 from horizons_platform.waiting import wait_until
 from horizons_platform_tests.conftest import make_settings
-from horizons_platform_tests.support import horizons, read_topic, run_jobs, start_consumer
+from horizons_platform_tests.support import (
+    horizons,
+    read_topic,
+    run_jobs,
+    start_consumer,
+    stop_consumer,
+)
 
 OWNER = "ada@observatory.example"
 AUDITOR = "compliance-auditor"
@@ -134,8 +140,7 @@ def test_a_replaced_cluster_stops_the_group_loudly_until_its_offsets_are_reset(
         )
         print(f"produced after the replacement: {after}, stored: {_audited(store, 'after')}")
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_consumer(proc, log)
 
 
 def test_a_producer_that_outlived_its_cluster_makes_no_fresh_producer_lose_a_message(
@@ -417,5 +422,4 @@ def test_a_failing_store_stops_the_consumer_with_nothing_dead_lettered_or_commit
         if duckdb_abort:
             pytest.xfail("DuckDB 1.5.5 aborted while reverting the refused COMMIT (data exact)")
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_consumer(proc, log)

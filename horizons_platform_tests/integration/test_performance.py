@@ -3,7 +3,6 @@ are measured by `horizons bench`, not asserted here)."""
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from horizons_platform.settings import Settings
 from horizons_platform.simulate import plan, run_simulation
 from horizons_platform.store.client import Store
 from horizons_platform.waiting import wait_until
-from horizons_platform_tests.support import start_consumer
+from horizons_platform_tests.support import start_consumer, stop_consumer
 
 
 def _stored(store: Store, group: str, topics: list[str]) -> int:
@@ -104,9 +103,8 @@ def test_scenario_13_ten_thousand_events_with_bounded_memory(
     store = Store(settings)
     store.ensure_schema()  # the file exists before anyone polls it
     # Small batches, so memory is sampled over many batches rather than a handful.
-    proc = start_consumer(
-        settings, tmp_path / "consume.log", report_materializations="false", batch_max_messages=250
-    )
+    log = tmp_path / "consume.log"
+    proc = start_consumer(settings, log, report_materializations="false", batch_max_messages=250)
     try:
         jobs = plan(2520, seed=3, prefix="s13")
         total = run_simulation(JobOrchestratorService(settings, recover=False, wait=False), jobs)
@@ -127,8 +125,7 @@ def test_scenario_13_ten_thousand_events_with_bounded_memory(
             what="metrics caught up",
         )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        stop_consumer(proc, log)
     early = [r for n, r in rss if n >= total * 0.2]
     first, peak = early[0], max(early)
     print(f"\nRSS at 20%: {first / 2**20:.0f} MiB, peak after: {peak / 2**20:.0f} MiB")

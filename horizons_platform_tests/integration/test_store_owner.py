@@ -31,7 +31,7 @@ from horizons_platform.store.client import Store
 from horizons_platform.store.endpoint import OwnerInfo, read_owner
 from horizons_platform.store.extensions import extension_path
 from horizons_platform.waiting import wait_until
-from horizons_platform_tests.support import start_consumer
+from horizons_platform_tests.support import start_consumer, stop_consumer
 
 LIFECYCLE_GROUPS = ("notifications", "compliance-auditor", "metrics")
 BASELINE_S = 12.0
@@ -52,8 +52,7 @@ def owner(
     info = wait_until(lambda: read_owner(settings), timeout=60, what="the host serving the store")
     assert info.pid == proc.pid
     yield proc, info
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(60)
+    stop_consumer(proc, tmp_path / "owner.log")
 
 
 def horizons(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -228,8 +227,7 @@ def test_a_15s_query_never_stalls_the_consumers(settings: Settings, tmp_path: Pa
         stream_stop.set()
         if producer is not None:
             producer.join(60)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        stop_consumer(proc, tmp_path / "owner.log")
 
 
 def test_kill_9_the_owner_and_the_standby_takes_over_exactly(
@@ -286,10 +284,8 @@ def test_kill_9_the_owner_and_the_standby_takes_over_exactly(
             what="host B caught up",
         )
     finally:
-        for proc in (a, b):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(60)
+        for proc, log in ((a, log_a), (b, log_b)):
+            stop_consumer(proc, log)
 
     def one(sql: str) -> int:
         return int(store.scalar(sql))
