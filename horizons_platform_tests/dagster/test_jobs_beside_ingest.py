@@ -29,15 +29,17 @@ def test_report_retention_and_checks_succeed_while_the_host_streams(
 ) -> None:
     host_log = tmp_path / "host.log"
     host = start_consumer(settings, host_log)
+    stop = threading.Event()
     try:
         wait_until(lambda: read_owner(settings), timeout=60, what="the host serving the store")
         probe = OffsetProbe(settings, group_topics(settings))
         orch = JobOrchestratorService(settings, recover=False, wait=False)
-        stop = threading.Event()
         traffic = threading.Thread(
             target=run_simulation,
-            args=(orch, plan(10_000, seed=5, prefix="dj")),  # ~40 s at 1,000/s
-            kwargs={"rate": 1000.0},
+            # ~200 s at 1,000/s, more than the jobs take even on a loaded machine (CI once
+            # saw a 40 s stream end first); stopped as soon as they are done.
+            args=(orch, plan(50_000, seed=5, prefix="dj")),
+            kwargs={"rate": 1000.0, "stop": stop},
             daemon=True,
         )
         traffic.start()
@@ -73,4 +75,5 @@ def test_report_retention_and_checks_succeed_while_the_host_streams(
         assert worst and max(worst.values()) < threshold, worst
         traffic.join(60)
     finally:
+        stop.set()
         stop_consumer(host, host_log)
