@@ -1,4 +1,5 @@
-"""A consumer group rebalanced under a live stream, against a real broker and DuckDB.
+"""A consumer group rebalanced under a live stream (against a real broker and DuckDB),
+and what its assignment tells Kafka.
 
 Every rebalance calls the loop's revoke/assign callbacks inside ``consume()``, and they
 wait for the batch being written. Before the loop kept every Kafka call on its own
@@ -89,3 +90,32 @@ def test_a_rebalance_under_a_live_stream_stalls_no_group(
         60,
         what="no lag in Kafka's committed offsets",
     )
+
+
+def test_kafka_learns_offsets_the_store_holds_without_a_new_message(
+    settings: Settings, store: Store, host_factory: Callable[..., Host]
+) -> None:
+    """A host that stopped past the broker grace period stored its last batches but could
+    not commit them to Kafka. Its successor resumes from the store; where no new message
+    arrives it has nothing to commit, and Kafka (the monitor's lag, the operator's tools)
+    would show the group behind for good. Here the store holds every offset of a stream
+    Kafka never saw committed, and nothing more is produced."""
+    from horizons_bench.offsets import OffsetProbe
+    from horizons_platform.kafka.admin import end_offsets
+    from horizons_platform.store import tables
+
+    group = "notifications"
+    run_jobs(settings, "kl", 5)
+    topics = group_topics(settings)[group]
+    ends = end_offsets(settings, topics)
+    assert sum(ends.values()) == 15
+    with store.transaction() as con:
+        tables.save_offsets(con, group, ends)  # as a previous host stored them
+    probe = OffsetProbe(settings, {group: topics})
+    assert sum(probe.committed(group).values()) == 0
+    host_factory(settings, (group,))
+    wait_until(
+        lambda: probe.committed(group) == ends, timeout=30, what="Kafka holding the stored offsets"
+    )
+    # Resumed from the store: nothing of the stream was consumed again.
+    assert store.scalar("SELECT count(*) FROM notifications") == 0
