@@ -183,12 +183,27 @@ def broker_for(base: Settings, progress: Progress) -> Iterator[tuple[str, Path |
             broker.stop()
 
 
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel picks outgoing connections' local ports from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32_768, 60_999  # Linux's default
+
+
 def free_port_block(size: int, attempts: int = 200) -> int:
     """The first of ``size`` consecutive free ports on 127.0.0.1 (an embedded cluster's
-    nodes take broker_port, +1, +2, …)."""
+    nodes take broker_port, +1, +2, …), below the ephemeral range: a node killed and
+    started again must find its port free, and while it was down any client's outgoing
+    connection could have been given that port as its own (CI: a restarted node's
+    controller port "already in use")."""
     rng = random.Random()
+    low, high = ephemeral_ports()
+    top = low if low - size > 12_000 else 65_535
+    bottom = 10_000 if top == low else high + 1
     for _ in range(attempts):
-        base = rng.randrange(20_000, 60_000 - size)
+        base = rng.randrange(bottom, top - size)
         sockets = []
         try:
             for port in range(base, base + size):

@@ -17,13 +17,13 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from horizons_bench.harness import free_port_block
 from horizons_platform.kafka.broker import BrokerError, EmbeddedBroker
 from horizons_platform.settings import Settings
-from horizons_platform.store.owner import free_port
 
 
 def make_broker(tmp_path: Path, **overrides: object) -> EmbeddedBroker:
+    port = free_port_block(2)
     fields: dict[str, object] = {
-        "broker_port": free_port(),
-        "broker_controller_port": free_port(),
+        "broker_port": port,
+        "broker_controller_port": port + 1,
         "var_dir": tmp_path,
     }
     fields.update(overrides)

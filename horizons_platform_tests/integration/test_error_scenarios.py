@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from horizons_bench.harness import free_port_block
 from horizons_bench.smtp import SmtpSink
 from horizons_platform.host import Host
 from horizons_platform.kafka.admin import ensure_topics
@@ -21,7 +22,6 @@ from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.client import Store
-from horizons_platform.store.owner import free_port
 from horizons_platform.waiting import wait_until
 from horizons_platform_tests.support import read_topic, start_consumer, unique_topics
 
@@ -90,10 +90,11 @@ def test_scenario_7_broker_loss_detected_consumers_shut_down_cleanly(
     tmp_path: Path, smtp: SmtpSink
 ) -> None:
     # A broker of its own, so stopping it does not disturb other tests.
+    port = free_port_block(2)  # restarted on the same ports: outside the ephemeral range
     s = Settings(
         var_dir=tmp_path,
-        broker_port=free_port(),
-        broker_controller_port=free_port(),
+        broker_port=port,
+        broker_controller_port=port + 1,
         **unique_topics(),
     )  # type: ignore[arg-type]
     broker = EmbeddedBroker(s)

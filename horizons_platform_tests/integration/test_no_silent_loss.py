@@ -16,6 +16,7 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from horizons_bench.harness import free_port_block
 from horizons_bench.smtp import SmtpSink
 from horizons_platform import events as ev
 from horizons_platform.host import Host
@@ -28,7 +29,6 @@ from horizons_platform.services import health_rules
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
-from horizons_platform.store.owner import free_port
 from horizons_platform.waiting import wait_until
 from horizons_platform_tests.conftest import make_settings
 from horizons_platform_tests.support import (
@@ -46,7 +46,8 @@ AUDITOR = "compliance-auditor"
 @pytest.fixture
 def private_broker(tmp_path: Path, smtp: SmtpSink) -> Iterator[tuple[EmbeddedBroker, Settings]]:
     """A broker of this test's own (it is stopped, wiped and replaced here)."""
-    port, controller = free_port(), free_port()
+    port = free_port_block(2)  # restarted on the same ports: outside the ephemeral range
+    controller = port + 1
     var = tmp_path / "var"
     broker = EmbeddedBroker(
         Settings(var_dir=var, broker_port=port, broker_controller_port=controller)  # type: ignore[arg-type]

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from confluent_kafka import KafkaError
 
+from horizons_bench.harness import free_port_block
 from horizons_platform.kafka.admin import end_offsets, ensure_topics, topic_partitions
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.kafka.producer import DeliveryError, Publisher
 from horizons_platform.services.orchestrator import IllegalTransition, JobOrchestratorService
 from horizons_platform.settings import Settings
-from horizons_platform.store.owner import free_port
 from horizons_platform_tests.support import read_topic, unique_topics
 
 OWNER = "ada@observatory.example"
@@ -116,10 +116,11 @@ def test_finished_jobs_are_forgotten_oldest_first(settings: Settings) -> None:
 
 
 def test_delivery_failure_when_broker_is_down_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    port = free_port_block(2)
     s = Settings(
         var_dir=tmp_path,
-        broker_port=free_port(),
-        broker_controller_port=free_port(),
+        broker_port=port,
+        broker_controller_port=port + 1,
         **unique_topics(),
     )  # type: ignore[arg-type]
     broker = EmbeddedBroker(s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from horizons_bench.harness import settings_env
+from horizons_bench.harness import ephemeral_ports, free_port_block, settings_env
 from horizons_bench.memory import processed, rss_level
 from horizons_bench.offsets import GroupState
 from horizons_bench.report import BenchResult, Figure, Target
@@ -86,3 +86,12 @@ def test_rss_level_is_a_median_over_the_slowest_groups_progress() -> None:
     assert processed(timeline.samples[50], 10_000) == 5_000  # the slow group's share
     assert rss_level(timeline, 10_000, 4_000, 6_000) == 150 * 2**20
     assert rss_level(timeline, 10_000, 20_000, 30_000) is None
+
+
+def test_port_blocks_stay_out_of_the_ephemeral_range() -> None:
+    """A broker node restarted on its port must not find it taken by some client's
+    outgoing connection (the kernel gives those ports from the ephemeral range)."""
+    low, high = ephemeral_ports()
+    for _ in range(50):
+        base = free_port_block(6)
+        assert base + 5 < low or base > high
