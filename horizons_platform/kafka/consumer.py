@@ -58,6 +58,9 @@ DLQ_MAX_VALUE_BYTES = 512 * 1024
 POLL_SLICE_S = 0.005
 # How often Kafka's committed offsets are read back and compared with what was stored.
 COMMIT_CHECK_S = 5.0
+# A loop that got nothing for this long asks the broker for metadata: librdkafka's error
+# callback alone does not always say that the broker is gone (see _probe_when_idle).
+IDLE_PROBE_S = 5.0
 
 
 class ConsumerLoop:
@@ -84,6 +87,7 @@ class ConsumerLoop:
         self._fatal: KafkaError | None = None
         self._next_probe = 0.0
         self._probe_delay = 0.5
+        self._heard_at = time.monotonic()  # the broker last answered (messages, a probe)
         self._last_signals = time.monotonic()
         # Records alerts (health_alerts + the publication outbox); the host wires it.
         self.raise_alerts = raise_alerts
@@ -162,6 +166,8 @@ class ConsumerLoop:
                     code = EXIT_OFFSETS  # nothing of this poll is stored or committed
                     break
                 polled = time.monotonic()
+                if messages:
+                    self._heard_at = polled
                 batch = self._batch(messages) if messages else None
                 if batch is not None:
                     if self.metrics is not None:
@@ -171,6 +177,7 @@ class ConsumerLoop:
                     self._in_flight = self._writer.submit(self._store, batch, rows, polled)
                 else:
                     self._finish_in_flight()
+                    self._probe_when_idle()
                     if self._broker_down_since is not None and self._broker_still_down():
                         code = EXIT_BROKER_LOST
                         break
@@ -402,6 +409,27 @@ class ConsumerLoop:
             self._next_probe = self._broker_down_since + self._probe_delay
             log.warning("%s: broker unreachable: %s", self.group, err.str())
 
+    def _probe_when_idle(self) -> None:
+        """Nothing polled for IDLE_PROBE_S: ask the broker for one topic's metadata. A
+        host started just before its broker went away once never heard of the outage
+        from librdkafka (no transport error reached the error callback, only session
+        timeouts), kept waiting, and never exited past the grace period (CI's
+        broker-fault drill: still running 71 s after the broker stopped, grace 5 s)."""
+        now = time.monotonic()
+        if self._broker_down_since is not None or now - self._heard_at < IDLE_PROBE_S:
+            return
+        try:
+            self._consumer.list_topics(self.handler.topics()[0], timeout=1.0)
+            self._heard_at = time.monotonic()
+        except KafkaException as exc:
+            # Counted from now, not from its last answer: one slow answer on a quiet
+            # topic must not use up the grace period in one go.
+            self._broker_down_since = now
+            self._next_probe = now + self._probe_delay
+            log.warning(
+                "%s: broker unreachable (no answer to a metadata request): %s", self.group, exc
+            )
+
     @property
     def broker_down(self) -> bool:
         return self._broker_down_since is not None
@@ -415,6 +443,7 @@ class ConsumerLoop:
                 self._consumer.list_topics(timeout=1.0)
                 log.info("%s: broker reachable again", self.group)
                 self._broker_down_since = None
+                self._heard_at = time.monotonic()
                 self._probe_delay = 0.5
                 return False
             except KafkaException:
