@@ -130,16 +130,32 @@ class HostProcess:
             return None
 
     def stop(self, timeout: float = 60.0) -> int:
-        """SIGTERM (the host's clean stop), SIGKILL if it is still there after ``timeout``."""
+        """SIGTERM (the host's clean stop); if it is still there after ``timeout``, its
+        threads' stacks into its log (SIGUSR1), then SIGKILL."""
         if self.proc is None:
             return 0
-        if self.proc.poll() is None:
-            self.exit_expected = True
-            self.proc.send_signal(signal.SIGTERM)
-        code = self.wait(timeout)
-        if code is None:
-            return self.kill()
-        return code
+        self.exit_expected = True
+        code = stop_process(self.proc, self.log_path, timeout)
+        return self.proc.wait() if code is None else code
+
+
+def stop_process(proc: subprocess.Popen[bytes], log_path: Path, timeout: float) -> int | None:
+    """SIGTERM a `horizons consume` process; its exit code. One still there after
+    ``timeout`` writes its threads' stacks to ``log_path`` (SIGUSR1: where it hangs), is
+    killed, and None is returned."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        size = log_path.stat().st_size if log_path.exists() else 0
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and log_path.stat().st_size <= size:
+            time.sleep(0.1)  # the stacks are written by a C handler; no event to wait on
+        proc.kill()
+        proc.wait(10)
+        return None
 
     def __enter__(self) -> HostProcess:
         return self.start()

@@ -6,8 +6,6 @@ wait_until, end_offsets). No mocks here — everything talks to real servers on 
 
 from __future__ import annotations
 
-import contextlib
-import signal
 import subprocess
 import sys
 import threading
@@ -22,10 +20,9 @@ from typing import Any
 from confluent_kafka import Consumer, TopicPartition
 
 from horizons_bench.harness import subprocess_env
-from horizons_bench.hostproc import HostProcess
+from horizons_bench.hostproc import HostProcess, stop_process
 from horizons_platform.kafka.admin import watermarks
 from horizons_platform.settings import Settings
-from horizons_platform.waiting import wait_until
 
 
 def unique_topics(prefix: str | None = None) -> dict[str, str]:
@@ -110,22 +107,14 @@ def stop_consumer(proc: subprocess.Popen[bytes], log: Path, timeout: float = 90.
     A host that is still there after ``timeout`` (more than its own stop budget plus the
     ``exit_within`` backstop) fails the test with what it was doing — its stacks, asked
     for with SIGUSR1, and the end of its log — instead of a bare TimeoutExpired."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        size = log.stat().st_size
-        proc.send_signal(signal.SIGUSR1)
-        with contextlib.suppress(TimeoutError):
-            wait_until(lambda: log.stat().st_size > size, timeout=5, what="the host's stacks")
-        proc.kill()
-        proc.wait(10)
+    code = stop_process(proc, log, timeout)
+    if code is None:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-150:])
         raise AssertionError(
             f"consumer host {proc.pid} still running {timeout:.0f} s after SIGTERM; "
             f"its log ends:\n{tail}"
-        ) from None
+        )
+    return code
 
 
 def record_in_the_past(

@@ -418,17 +418,22 @@ class ConsumerLoop:
         now = time.monotonic()
         if self._broker_down_since is not None or now - self._heard_at < IDLE_PROBE_S:
             return
+        if self._broker_answers():
+            return
+        # Counted from now, not from its last answer: one slow answer on a quiet topic
+        # must not use up the grace period in one go.
+        self._broker_down_since = now
+        self._next_probe = now + self._probe_delay
+        log.warning("%s: broker unreachable (no answer to a metadata request)", self.group)
+
+    def _broker_answers(self) -> bool:
+        """One metadata request for one of our topics, answered within a second."""
         try:
             self._consumer.list_topics(self.handler.topics()[0], timeout=1.0)
-            self._heard_at = time.monotonic()
-        except KafkaException as exc:
-            # Counted from now, not from its last answer: one slow answer on a quiet
-            # topic must not use up the grace period in one go.
-            self._broker_down_since = now
-            self._next_probe = now + self._probe_delay
-            log.warning(
-                "%s: broker unreachable (no answer to a metadata request): %s", self.group, exc
-            )
+        except KafkaException:
+            return False
+        self._heard_at = time.monotonic()
+        return True
 
     @property
     def broker_down(self) -> bool:
@@ -439,16 +444,13 @@ class ConsumerLoop:
         assert self._broker_down_since is not None
         t = time.monotonic()
         if t >= self._next_probe:
-            try:
-                self._consumer.list_topics(timeout=1.0)
+            if self._broker_answers():
                 log.info("%s: broker reachable again", self.group)
                 self._broker_down_since = None
-                self._heard_at = time.monotonic()
                 self._probe_delay = 0.5
                 return False
-            except KafkaException:
-                self._probe_delay = min(self._probe_delay * 2, 5.0)
-                self._next_probe = time.monotonic() + self._probe_delay
+            self._probe_delay = min(self._probe_delay * 2, 5.0)
+            self._next_probe = time.monotonic() + self._probe_delay
         down_since = self._broker_down_since
         if down_since is not None and time.monotonic() - down_since > self.settings.broker_grace_s:
             log.error(
