@@ -46,7 +46,7 @@ AlertSink = Callable[[str, str, float, float, str, str], object]
 
 EXIT_OK = 0
 EXIT_BROKER_LOST = 3
-EXIT_FENCED = 5  # Kafka fenced this member: another host with the same instance id took over
+EXIT_FENCED = 5  # Kafka kept fencing this member: another live host has its instance id
 EXIT_OFFSETS = 6  # the stored offsets do not belong to this cluster (kafka/offsets.py)
 EXIT_STORE = 7  # the store kept failing (I/O, memory) past store_retry_s; nothing committed
 
@@ -61,6 +61,22 @@ COMMIT_CHECK_S = 5.0
 # A loop that got nothing for this long asks the broker for metadata: librdkafka's error
 # callback alone does not always say that the broker is gone (see _probe_when_idle).
 IDLE_PROBE_S = 5.0
+# A member fenced this often within the window is fenced by another live host with the
+# same group.instance.id, not by librdkafka's own rejoin (see _rejoin): it stops.
+MAX_REJOINS = 3
+REJOIN_WINDOW_S = 600.0
+
+
+def static_member_id(settings: Settings, group: str, topics: list[str]) -> str | None:
+    """The group.instance.id of this host's member of ``group``, or None (dynamic).
+
+    The topics are part of the id: a static member that comes back with another
+    subscription would be handed its old assignment (topics it no longer reads) without
+    a rebalance, and consume nothing."""
+    if not settings.consumer_instance_id:
+        return None
+    digest = hashlib.sha256(",".join(sorted(topics)).encode()).hexdigest()
+    return f"{group}.{settings.consumer_instance_id}.{digest[:8]}"
 
 
 class ConsumerLoop:
@@ -108,6 +124,10 @@ class ConsumerLoop:
         self._unverified: dict[tuple[str, int], tuple[int, float]] = {}
         self._next_commit_check = 0.0
         self._generation = 0  # rebalances seen (see _poll)
+        self._rejoins: list[float] = []  # when Kafka fenced this member (see _rejoin)
+        self._consumer = self._new_consumer()
+
+    def _new_consumer(self) -> Consumer:
         config: dict[str, object] = {
             "group.id": self.group,
             "client.id": self._client_id,
@@ -125,18 +145,13 @@ class ConsumerLoop:
             "socket.timeout.ms": 10_000,
             "error_cb": self._on_error,
         }
-        if settings.consumer_instance_id:
-            # Static membership: a host restarted after a crash (or its standby, which
-            # has the same id) gets its partitions back at once instead of waiting out
-            # the dead member's session; a zombie with the same id is fenced by Kafka.
-            # The topics are part of the id: a static member that comes back with another
-            # subscription would be handed its old assignment (topics it no longer reads)
-            # without a rebalance, and consume nothing.
-            topics = hashlib.sha256(",".join(sorted(handler.topics())).encode()).hexdigest()
-            config["group.instance.id"] = (
-                f"{self.group}.{settings.consumer_instance_id}.{topics[:8]}"
-            )
-        self._consumer = Consumer(settings.kafka_config(**config))
+        # Static membership: a host restarted after a crash (or its standby, which has
+        # the same id) gets its partitions back at once instead of waiting out the dead
+        # member's session.
+        instance_id = static_member_id(self.settings, self.group, self.handler.topics())
+        if instance_id is not None:
+            config["group.instance.id"] = instance_id
+        return Consumer(self.settings.kafka_config(**config))
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -145,15 +160,15 @@ class ConsumerLoop:
 
     def run(self) -> int:
         """Consume until stopped (exit 0) or the broker stays lost past the grace period."""
-        self._consumer.subscribe(
-            self.handler.topics(), on_assign=self._on_assign, on_revoke=self._on_revoke
-        )
+        self._subscribe()
         code = EXIT_OK
         try:
             while not self.stop_event.is_set():
                 messages = self._poll()
+                self._note_fatal(messages)
                 if self._fatal is not None:
-                    log.error("%s: stopping: %s", self.group, self._fatal.str())
+                    if self._rejoin():
+                        continue  # what that poll returned is read again from the store's offsets
                     code = EXIT_FENCED
                     break
                 if messages and self._broker_down_since is not None:
@@ -271,6 +286,74 @@ class ConsumerLoop:
         future, self._in_flight = self._in_flight, None
         self._commit_to_kafka(future.result())
 
+    def _subscribe(self) -> None:
+        self._consumer.subscribe(
+            self.handler.topics(), on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+
+    def _note_fatal(self, messages: list[Any]) -> None:
+        """A fatal consumer error (a fenced static member) comes as a message error with
+        code _FATAL (its fatal() flag unset), not through the error callback."""
+        if self._fatal is None:
+            for m in messages:
+                err = m.error()
+                if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
+                    self._fatal = err
+                    return
+
+    def _rejoin(self) -> bool:
+        """After a fatal error the consumer is dead: it fetches nothing more, for good.
+        librdkafka fences its own static member when a session times out while the
+        group's coordinator moves (librdkafka#3437; CI's node-loss drill: the auditor
+        stopped for good at 1,019 of 20,000 events, "Static consumer fenced by other
+        consumer with same group.instance.id" on an OffsetCommit), so a fence is first
+        answered with a new consumer under the same id, which resumes from the stored
+        offsets like any assignment. Only the owner of the store consumes, so no other
+        host of ours can hold the id; one that keeps fencing us anyway (MAX_REJOINS in
+        REJOIN_WINDOW_S) stops this loop (exit 5). False then."""
+        assert self._fatal is not None
+        reason, self._fatal = self._fatal.str(), None
+        now = time.monotonic()
+        self._rejoins = [t for t in self._rejoins if now - t < REJOIN_WINDOW_S]
+        if len(self._rejoins) >= MAX_REJOINS:
+            log.error(
+                "%s: stopping: %s — fenced %d times in %.0f s: another live member of the "
+                "group uses this host's group.instance.id (HORIZONS_GROUP_INSTANCE_ID)",
+                self.group,
+                reason,
+                len(self._rejoins) + 1,
+                REJOIN_WINDOW_S,
+            )
+            return False
+        self._rejoins.append(now)
+        log.error(
+            "%s: %s; rejoining the group with a new consumer (it resumes from the stored "
+            "offsets: nothing is lost or read twice)",
+            self.group,
+            reason,
+        )
+        self._finish_in_flight()  # stored; its commit to Kafka fails quietly
+        self._unverified.clear()
+        self._generation += 1
+        old, self._consumer = self._consumer, self._new_consumer()
+        self._close_consumer(old)
+        self._subscribe()
+        return True
+
+    def _close_consumer(self, consumer: Consumer) -> None:
+        """close() leaves the group; with the broker gone it can only wait for its own
+        request timeouts (socket.timeout.ms), so it runs on a watchdog thread and the
+        process may exit past it — the socket dies with the process."""
+        closer = threading.Thread(target=consumer.close, name=f"close-{self.group}", daemon=True)
+        closer.start()
+        closer.join(self.settings.shutdown_timeout_s)
+        if closer.is_alive():
+            log.warning(
+                "%s: consumer close still waiting on the broker after %.0fs",
+                self.group,
+                self.settings.shutdown_timeout_s,
+            )
+
     def _close(self, code: int) -> None:
         try:
             if self._in_flight is not None and not self._in_flight.done():
@@ -283,20 +366,7 @@ class ConsumerLoop:
             log.exception("%s: could not flush health signals", self.group)
         broker_gone = code == EXIT_BROKER_LOST or self.broker_down
         self.publisher.flush(2.0 if broker_gone else None)
-        # close() leaves the group; with the broker gone it can only wait for its own
-        # request timeouts (socket.timeout.ms), so it runs on a watchdog thread and
-        # the process may exit past it — the socket dies with the process.
-        closer = threading.Thread(
-            target=self._consumer.close, name=f"close-{self.group}", daemon=True
-        )
-        closer.start()
-        closer.join(self.settings.shutdown_timeout_s)
-        if closer.is_alive():
-            log.warning(
-                "%s: consumer close still waiting on the broker after %.0fs",
-                self.group,
-                self.settings.shutdown_timeout_s,
-            )
+        self._close_consumer(self._consumer)
         log.info("%s: consumer closed (exit %d)", self.group, code)
 
     # --- rebalance: DuckDB holds the truth about where to resume -------------------------
@@ -400,7 +470,7 @@ class ConsumerLoop:
     # --- broker loss ---------------------------------------------------------------------
 
     def _on_error(self, err: KafkaError) -> None:
-        if err.fatal():  # e.g. fenced: another member with our group.instance.id joined
+        if err.fatal():  # a fenced static member (see _rejoin)
             self._fatal = err
             return
         lost = err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)

@@ -26,6 +26,7 @@ from horizons_platform.waiting import wait_until
 from horizons_platform_tests.support import run_jobs
 
 AUDITOR = "compliance-auditor"
+FENCE_JOBS = "job_id LIKE 'fence-%'"
 
 
 def _join_and_leave(settings: Settings, topics: list[str]) -> None:
@@ -119,3 +120,62 @@ def test_kafka_learns_offsets_the_store_holds_without_a_new_message(
     )
     # Resumed from the store: nothing of the stream was consumed again.
     assert store.scalar("SELECT count(*) FROM notifications") == 0
+
+
+def test_a_fenced_member_rejoins_and_resumes_from_the_store(
+    settings_factory: Callable[..., Settings], host_factory: Callable[..., Host]
+) -> None:
+    """librdkafka can fence its own static member (a session that timed out while the
+    coordinator moved, librdkafka#3437): the consumer is then dead for good. CI's
+    node-loss drill saw the auditor stop at 1,019 of 20,000 events while the host ran
+    on. Here another consumer joins with the host's group.instance.id — Kafka fences
+    the host's member the same way — and leaves; the host must rejoin and store every
+    event once."""
+    from horizons_platform.kafka.consumer import static_member_id
+
+    settings = settings_factory(group_instance_id="fence-test")  # static membership
+    store = Store(settings)
+    store.ensure_schema()
+    topics = group_topics(settings)[AUDITOR]
+    instance_id = static_member_id(settings, AUDITOR, topics)
+    assert instance_id is not None
+    host = host_factory(settings, (AUDITOR,))
+    loop = host.loops[AUDITOR]
+    before = run_jobs(settings, "fence-a", 10)
+    wait_until(
+        lambda: store.scalar(f"SELECT count(*) FROM audit_log WHERE {FENCE_JOBS}") == before,
+        60,
+        what="the first events",
+    )
+
+    intruder = Consumer(
+        settings.kafka_config(
+            **{
+                "group.id": AUDITOR,
+                "group.instance.id": instance_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "latest",
+                "session.timeout.ms": 10_000,
+            }
+        )
+    )
+    assigned = threading.Event()
+    intruder.subscribe(topics, on_assign=lambda _c, parts: parts and assigned.set())
+    deadline = time.monotonic() + 60
+    while not assigned.is_set() and time.monotonic() < deadline:
+        intruder.poll(0.2)
+    intruder.close()
+    assert assigned.is_set(), "the intruder got no partitions within 60 s"
+
+    wait_until(lambda: len(loop._rejoins) == 1, 60, what="the host's member fenced and rejoined")
+    after = run_jobs(settings, "fence-b", 10)
+    total = before + after
+    wait_until(
+        lambda: store.scalar(f"SELECT count(*) FROM audit_log WHERE {FENCE_JOBS}") == total,
+        60,
+        what=f"all {total} events in the audit trail",
+    )
+    assert (
+        store.scalar(f"SELECT count(DISTINCT event_id) FROM audit_log WHERE {FENCE_JOBS}") == total
+    )
+    assert AUDITOR not in host.exit_codes, "the loop stopped instead of rejoining"
