@@ -164,8 +164,7 @@ class ConsumerLoop:
         code = EXIT_OK
         try:
             while not self.stop_event.is_set():
-                messages = self._poll()
-                self._note_fatal(messages)
+                messages = self._records(self._poll())
                 if self._fatal is not None:
                     if self._rejoin():
                         continue  # what that poll returned is read again from the store's offsets
@@ -290,16 +289,6 @@ class ConsumerLoop:
         self._consumer.subscribe(
             self.handler.topics(), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
-
-    def _note_fatal(self, messages: list[Any]) -> None:
-        """A fatal consumer error (a fenced static member) comes as a message error with
-        code _FATAL (its fatal() flag unset), not through the error callback."""
-        if self._fatal is None:
-            for m in messages:
-                err = m.error()
-                if err is not None and (err.fatal() or err.code() == KafkaError._FATAL):
-                    self._fatal = err
-                    return
 
     def _rejoin(self) -> bool:
         """After a fatal error the consumer is dead: it fetches nothing more, for good.
@@ -538,15 +527,23 @@ class ConsumerLoop:
 
     # --- the batch ---------------------------------------------------------------------
 
-    def _batch(self, messages: list[Any]) -> Batch | None:
+    def _records(self, messages: list[Any]) -> list[Any]:
+        """The polled records without the errors among them, which are logged. A fatal
+        consumer error (a fenced static member) comes this way as code _FATAL, its
+        fatal() flag unset, not through the error callback: noted for _rejoin."""
         data = [m for m in messages if m.error() is None]
         if len(data) != len(messages):
             for m in messages:
                 err = m.error()
-                if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                if err is None or err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal() or err.code() == KafkaError._FATAL:
+                    self._fatal = self._fatal or err
+                else:
                     log.warning("%s: consume error: %s", self.group, err.str())
-        if not data:
-            return None
+        return data
+
+    def _batch(self, data: list[Any]) -> Batch:
         batch = Batch.decode(
             [m.topic() for m in data],
             [m.partition() for m in data],
