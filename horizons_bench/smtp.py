@@ -11,6 +11,7 @@ probe, and its own queueing would count as the platform's e-mail latency.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import atexit
 import logging
 import os
@@ -57,19 +58,24 @@ class SmtpSink:
         *,
         own_process: bool = False,
         rcpt_policy: Callable[[str], str | None] | None = None,
+        rcpt_delay: Callable[[str], float] | None = None,
         tls_context: ssl.SSLContext | None = None,
         auth: bool = False,
     ) -> None:
-        if own_process and (rcpt_policy or tls_context or auth):
-            raise ValueError("rcpt_policy, tls_context and auth need the in-process sink")
+        if own_process and (rcpt_policy or rcpt_delay or tls_context or auth):
+            raise ValueError(
+                "rcpt_policy, rcpt_delay, tls_context and auth need the in-process sink"
+            )
         self.host = HOST
         self.port = port or free_port()
         self.rcpt_policy = rcpt_policy
+        self.rcpt_delay = rcpt_delay
         self.tls_context = tls_context
         self.auth = auth
         self.received: list[Received] = []
         self.messages: list[Message] = []  # in process only
         self.recipients: list[str] = []  # every RCPT TO of every message (in process only)
+        self.rcpt_seen: list[str] = []  # every RCPT TO as it arrived, before any answer
         self._lock = threading.Lock()
         self._controller: Controller | None = None
         self._own_process = own_process
@@ -79,6 +85,11 @@ class SmtpSink:
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: Any
     ) -> str:
+        with self._lock:
+            self.rcpt_seen.append(address)
+        delay = self.rcpt_delay(address) if self.rcpt_delay else 0.0
+        if delay > 0:  # a slow relay: this session waits, the server's others go on
+            await asyncio.sleep(delay)
         reply = self.rcpt_policy(address) if self.rcpt_policy else None
         if reply is not None:
             return reply

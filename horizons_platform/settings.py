@@ -132,8 +132,13 @@ class Settings(BaseSettings):
     smtp_backoff_initial_s: float = 1.0
     smtp_backoff_max_s: float = 60.0
     notify_on_submit: bool = False
-    smtp_connections: int = 8  # SMTP sessions the outbox sends over side by side
-    outbox_batch: int = 100  # notifications claimed per round (at risk of a resend in a crash)
+    # SMTP sessions the outbox sends over side by side (a relay that allows fewer
+    # connections per client needs this lowered).
+    smtp_connections: int = 16
+    # Notifications the outbox holds claimed at most (queued for a session or being sent);
+    # it claims more when half are gone. What is held when a process dies is claimed again
+    # after a timeout and counted as a resend.
+    outbox_batch: int = 400
 
     # --- metrics service --------------------------------------------------------------
     metrics_window_jobs: int = 10_000

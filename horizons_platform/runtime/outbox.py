@@ -1,14 +1,18 @@
 """Delivers the notification outbox over SMTP.
 
-A round: write the previous round's outcomes and claim the next due notifications, in
-one transaction → send each over a persistent SMTP session → keep the outcomes for the
-next round's transaction. A message that cannot be built or that the server refuses
-for good (5xx) is marked ``failed`` with its reason, alone; a transient failure (4xx, a
-dropped connection) backs off that message alone; nothing else in the round waits.
+One SMTP session per worker thread, each taking the next claimed notification from a
+shared queue as soon as it is free; the dispatcher tops the queue up in a transaction
+that also writes the outcomes gathered since the last one. No session waits for
+another: a message whose server answers slowly (or times out) holds up its own session
+only, never a round. A message that cannot be built or that the server refuses for good
+(5xx) is marked ``failed`` with its reason, alone; a transient failure (4xx, a dropped
+connection) backs off that message alone.
 
 A row left claimed by a crashed process is claimed again after a timeout and counted in
 ``resends``: SMTP has no exactly-once, so a resend is possible there, and it carries the
-same Message-ID so the receiver can tell.
+same Message-ID so the receiver can tell. Rows this process still holds (queued, or
+being sent) have their claim renewed before it could look stale; what is still queued
+when the dispatcher stops is handed back unsent.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import smtplib
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -66,7 +70,7 @@ def render_message(headers: dict[str, str], body: str) -> bytes:
 
 
 IDLE_ROUND_S = 0.5  # with nothing woken, outcomes are recorded (and the due claimed) this often
-MIN_ROUND_S = 0.1  # rounds (claim transactions) at most this often, unless they come full
+MIN_ROUND_S = 0.1  # claim transactions at most this often, unless the last one came full
 IDLE_CHECK_S = 30.0  # an idle session is NOOP-checked before use (servers drop them)
 OUTCOME_SCHEMA = pa.schema(
     [
@@ -75,8 +79,10 @@ OUTCOME_SCHEMA = pa.schema(
         ("sent_at", pa.timestamp("us", tz="UTC")),
         ("next_attempt_at", pa.timestamp("us", tz="UTC")),
         ("error", pa.string()),
+        ("attempts", pa.int32()),
     ]
 )
+HELD_SCHEMA = pa.schema([("notification_id", pa.string())])
 
 
 class SmtpConfigError(RuntimeError):
@@ -99,6 +105,7 @@ class Outcome:
     attempts: int
     error: str | None = None  # None: accepted by the server
     permanent: bool = False
+    released: bool = False  # never attempted: handed back as it was before the claim
 
 
 def backoff(settings: Settings, attempts: int) -> float:
@@ -190,15 +197,21 @@ class OutboxDispatcher:
         self.settings = settings
         self.store = store
         self.stop_event = stop_event
-        # A few SMTP sessions side by side: one smtplib session does a few hundred
-        # messages/s (every message is 4–5 round trips), and the stream needs more.
+        # SMTP sessions side by side: every message is 4 round trips, and on a busy
+        # machine each one waits for a CPU at both ends, so one session does a few
+        # dozen messages/s beside ingest (docs/decisions.md).
         self.sessions = [SmtpSession(settings) for _ in range(max(1, settings.smtp_connections))]
-        self._pool = ThreadPoolExecutor(
-            len(self.sessions), thread_name_prefix="smtp", initializer=name_this_thread
-        )
+        self.batch = max(1, settings.outbox_batch)
         self._wake = threading.Event()
         self.claim_timeout_s = max(10.0, 2 * settings.smtp_timeout_s)
-        self._unwritten: list[Outcome] = []  # sent or failed, recorded with the next claim
+        # Shared with the session workers, under _cond:
+        self._cond = threading.Condition()
+        self._queue: deque[Claimed] = deque()  # claimed, not yet taken by a session
+        self._held: dict[str, float] = {}  # queued or being sent → when claimed (monotonic)
+        self._outcomes: list[Outcome] = []  # not yet recorded (with the next claim)
+        self._down: str | None = None  # a session lost the server: why (until the next claim)
+        self._closing = False
+        self._workers: list[threading.Thread] = []
         self.sent = 0
         self.failed_attempts = 0
         # Told each send's seconds and success (the host's Prometheus metrics).
@@ -208,70 +221,126 @@ class OutboxDispatcher:
         self._wake.set()
 
     def run(self) -> None:
+        self._start_workers()
         try:
             while not self.stop_event.is_set():
                 self._wake.wait(timeout=IDLE_ROUND_S)
                 self._wake.clear()
                 started = time.monotonic()
+                full = False
                 try:
-                    # Full rounds follow each other at once; a round that took what was
-                    # due leaves its outcomes to the next one (at the next wake-up, at
-                    # most IDLE_ROUND_S later) instead of a transaction of their own.
-                    while (
-                        self.deliver_due() >= self.settings.outbox_batch
-                        and not self.stop_event.is_set()
-                    ):
-                        pass
+                    full = self._top_up()
                 except Exception:
-                    log.exception("outbox: delivery round failed; will retry")
+                    log.exception("outbox: claim failed; will retry")
                     self.stop_event.wait(1.0)
-                # Every round is a transaction of a few DuckDB statements (milliseconds
-                # each, beside four ingesting groups): at most one per MIN_ROUND_S. Woken
-                # by every notifications commit, the dispatcher once ran ~40 a second and
-                # took a quarter of a core at 200 events/s.
-                self.stop_event.wait(max(0.0, MIN_ROUND_S - (time.monotonic() - started)))
+                # A claim is a transaction of a few DuckDB statements (milliseconds each,
+                # beside four ingesting groups): with nothing more due, at most one per
+                # MIN_ROUND_S. Woken by every notifications commit, the dispatcher once ran
+                # ~40 a second and took a quarter of a core at 200 events/s. A full claim
+                # means more is due: the next one follows as soon as the queue runs low.
+                if not full:
+                    self.stop_event.wait(max(0.0, MIN_ROUND_S - (time.monotonic() - started)))
         finally:
-            try:
-                self.flush()
-            except Exception:
-                log.exception("outbox: could not record the last round's outcomes")
             self.close()
 
+    def deliver_due(self, limit: int | None = None) -> int:
+        """Claim what is due (up to ``limit``) and wait until every claimed message has an
+        outcome, recorded with the next claim or ``flush()``; returns how many were claimed."""
+        self._start_workers()
+        claimed = self._claim(limit or self.batch)
+        with self._cond:
+            self._cond.wait_for(lambda: not self._held)
+        return claimed
+
     def flush(self) -> None:
-        """Record the last round's outcomes now (what was sent must not be sent again
+        """Record the outcomes gathered so far now (what was sent must not be sent again
         after a restart) without claiming more."""
-        self._record()
+        self._claim(0)
 
     def close(self) -> None:
+        """Let each session finish the message it is sending, hand back what is still
+        queued, record every outcome and close the sessions."""
+        with self._cond:
+            self._closing = True
+            released = [Outcome(n.notification_id, n.attempts, released=True) for n in self._queue]
+            self._queue.clear()
+            self._outcomes.extend(released)
+            self._cond.notify_all()
+        for worker in self._workers:
+            worker.join(self.settings.smtp_timeout_s * 2 + 1)
+        self._workers = []
+        try:
+            self.flush()
+        except Exception:
+            log.exception("outbox: could not record the last outcomes")
         for session in self.sessions:
             session.drop()
-        self._pool.shutdown(wait=False)
 
-    def deliver_due(self, limit: int | None = None) -> int:
-        """One round; returns how many notifications it claimed (0: nothing due)."""
-        claimed = self._record(limit or self.settings.outbox_batch)
-        n = len(self.sessions)
-        shares = [claimed[i::n] for i in range(n)]
-        parts = self._pool.map(self._deliver_share, self.sessions, shares)
-        self._unwritten = [o for part in parts for o in part]
+    def _start_workers(self) -> None:
+        if self._workers:
+            return
+        with self._cond:
+            self._closing = False
+        self._workers = [
+            threading.Thread(target=self._work, args=(session,), name=f"smtp_{i}", daemon=True)
+            for i, session in enumerate(self.sessions)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    def _top_up(self) -> bool:
+        """Record the outcomes gathered so far and claim enough to fill the queue; True
+        when the claim came back full (more is likely due)."""
+        renew_before = time.monotonic() - self.claim_timeout_s / 2
+        with self._cond:
+            room = self.batch - len(self._queue)
+            old = any(at < renew_before for at in self._held.values())
+            idle = room <= 0 and not self._outcomes and not old
+        if idle:
+            return False
+        return room > 0 and self._claim(room) >= room
+
+    def _claim(self, limit: int) -> int:
+        claimed = self._record(limit)
+        now = time.monotonic()
+        with self._cond:
+            self._down = None  # worth another try
+            self._queue.extend(claimed)
+            self._held.update((n.notification_id, now) for n in claimed)
+            self._cond.notify_all()
         return len(claimed)
 
-    def _deliver_share(self, session: SmtpSession, share: list[Claimed]) -> list[Outcome]:
-        """One session's share of a round, in order."""
-        outcomes: list[Outcome] = []
-        unavailable: str | None = None
-        for n in share:
-            if unavailable is not None:  # the server is gone: the rest wait for the next try
-                outcomes.append(Outcome(n.notification_id, n.attempts, unavailable))
-                continue
-            started = time.monotonic()
-            outcome = self._deliver(session, n)
-            if self.observe is not None:
-                self.observe(time.monotonic() - started, outcome.error is None)
-            if outcome.error is not None and session.lost:
-                unavailable = f"not attempted: {outcome.error}"
-            outcomes.append(outcome)
-        return outcomes
+    def _work(self, session: SmtpSession) -> None:
+        """One session's worker: take the next queued message, send it, keep its outcome."""
+        name_this_thread()
+        low_water = self.batch // 2
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closing)
+                if self._closing:
+                    return
+                n = self._queue.popleft()
+                down = self._down
+                if len(self._queue) == low_water:
+                    self._wake.set()
+            if down is not None:  # the server is gone: the rest wait for the next try
+                outcome = Outcome(n.notification_id, n.attempts, f"not attempted: {down}")
+            else:
+                started = time.monotonic()
+                try:
+                    outcome = self._deliver(session, n)
+                except Exception as exc:  # a bug here must not strand the claim
+                    log.exception("outbox: sending %s failed", n.notification_id)
+                    outcome = Outcome(n.notification_id, n.attempts, f"{type(exc).__name__}: {exc}")
+                if self.observe is not None:
+                    self.observe(time.monotonic() - started, outcome.error is None)
+            with self._cond:
+                if outcome.error is not None and session.lost and self._down is None:
+                    self._down = outcome.error
+                self._outcomes.append(outcome)
+                del self._held[n.notification_id]
+                if not self._held:
+                    self._cond.notify_all()
 
     # --- the store side ------------------------------------------------------------------
     # A round's transaction runs beside four ingesting groups, and each DuckDB statement
@@ -283,19 +352,35 @@ class OutboxDispatcher:
         """Write the previous round's outcomes and claim up to ``limit`` due
         notifications, in one transaction (a write-write conflict with the ingesting
         consumer is retried)."""
-        outcomes = self._unwritten
+        with self._cond:
+            outcomes, self._outcomes = self._outcomes, []
+            renew_before = time.monotonic() - self.claim_timeout_s / 2
+            renew = [i for i, at in self._held.items() if at < renew_before]
+        if not (outcomes or renew or limit):
+            return []
         rows = [self._outcome_row(o) for o in outcomes]
         retry = any(r["status"] == "pending" for r in rows)
         done = any(r["status"] != "pending" for r in rows)
 
         def work(con: Any) -> list[Claimed]:
-            # Found by DuckDB by its name in this frame (a replacement scan).
+            # Found by DuckDB by their names in this frame (replacement scans).
             outcome_rows = pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)  # noqa: F841
+            held_rows = pa.table({"notification_id": renew}, schema=HELD_SCHEMA)  # noqa: F841
+            if renew:  # still queued or being sent here: not stale, whatever the clock says
+                con.execute(
+                    """
+                    UPDATE notification_queue SET claimed_at = now()
+                    FROM held_rows h WHERE notification_queue.notification_id = h.notification_id
+                    """
+                )
             if rows:
                 con.execute(
                     """
                     UPDATE notifications SET status = o.status, sent_at = o.sent_at,
-                        next_attempt_at = o.next_attempt_at, error = o.error
+                        next_attempt_at = o.next_attempt_at, attempts = o.attempts,
+                        -- a message handed back unsent keeps the reason of its last try
+                        error = coalesce(o.error, CASE WHEN o.status = 'pending'
+                            THEN notifications.error END)
                     FROM outcome_rows o
                     WHERE notifications.notification_id = o.notification_id
                     """
@@ -348,9 +433,21 @@ class OutboxDispatcher:
             ).fetchall()
             return [Claimed(*r) for r in found]
 
-        claimed = self.store.write(work)
-        self._unwritten = []
+        try:
+            claimed = self.store.write(work)
+        except BaseException:
+            with self._cond:  # not recorded: they go with the next try
+                self._outcomes[:0] = outcomes
+            raise
+        if renew:
+            renewed = time.monotonic()
+            with self._cond:
+                for i in renew:
+                    if i in self._held:
+                        self._held[i] = renewed
         for o in outcomes:
+            if o.released:
+                continue
             if o.error is None:
                 self.sent += 1
             else:
@@ -359,6 +456,15 @@ class OutboxDispatcher:
 
     def _outcome_row(self, o: Outcome) -> dict[str, Any]:
         now = datetime.now(UTC)
+        if o.released:  # as it was before the claim: due now, the attempt not counted
+            return {
+                "notification_id": o.notification_id,
+                "status": "pending",
+                "sent_at": None,
+                "next_attempt_at": now,
+                "error": None,
+                "attempts": o.attempts - 1,
+            }
         if o.error is None:
             status, next_at = "sent", None
         elif o.permanent or o.attempts >= self.settings.smtp_max_attempts:
@@ -372,6 +478,7 @@ class OutboxDispatcher:
             "sent_at": now if o.error is None else None,
             "next_attempt_at": next_at,
             "error": o.error,
+            "attempts": o.attempts,
         }
 
     # --- the SMTP side -------------------------------------------------------------------

@@ -147,6 +147,44 @@ def test_a_refused_recipient_fails_alone_and_a_deferred_one_is_retried(
         sink.stop()
 
 
+def test_a_slow_recipient_holds_up_no_other_message(tmp_path: Path) -> None:
+    """A relay that takes seconds to answer for one recipient: what is queued meanwhile
+    goes out over the other sessions at once, not after the slow one."""
+    slow = "slow@observatory.example"
+    sink = SmtpSink(rcpt_delay=lambda address: 4.0 if address == slow else 0.0).start()
+    s = Settings(
+        var_dir=tmp_path / "var", smtp_port=sink.port, smtp_timeout_s=15, smtp_connections=4
+    )
+    owner = StoreOwner(s, serve=False)
+    assert owner.open()
+    stop = threading.Event()
+    dispatcher = OutboxDispatcher(s, owner, stop)
+    thread = threading.Thread(target=dispatcher.run, name="outbox", daemon=True)
+    try:
+        _queue_one(owner, s, "slow-1", slow)
+        thread.start()
+        dispatcher.wake()
+        wait_until(lambda: slow in sink.rcpt_seen, timeout=10, what="the slow recipient's RCPT")
+        fast = [f"fast-{i}@observatory.example" for i in range(6)]
+        for i, recipient in enumerate(fast):
+            _queue_one(owner, s, f"fast-{i}", recipient)
+        dispatcher.wake()
+        wait_until(lambda: set(fast) <= set(sink.recipients), timeout=10, what="the other e-mails")
+        assert slow not in sink.recipients, "the others waited for the slow recipient"
+        wait_until(lambda: slow in sink.recipients, timeout=15, what="the slow e-mail")
+        wait_until(
+            lambda: owner.scalar("SELECT count(*) FROM notifications WHERE status = 'sent'") == 7,
+            timeout=10,
+            what="every outcome recorded",
+        )
+        assert sorted(sink.recipients) == sorted([slow, *fast])
+    finally:
+        stop.set()
+        thread.join(30)
+        owner.close()
+        sink.stop()
+
+
 # --- transport security (the dispatcher against a real server, no broker needed) -------
 
 
@@ -183,12 +221,14 @@ def _self_signed(tmp: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-def _queue_one(owner: StoreOwner, settings: Settings, job_id: str) -> None:
+def _queue_one(
+    owner: StoreOwner, settings: Settings, job_id: str, recipient: str = "tls@observatory.example"
+) -> None:
     event = ev.new_event(
         ev.JobCompleted,
         producer="test",
         job_id=job_id,
-        payload={"owner": "tls@observatory.example", "job_type": "imaging"},
+        payload={"owner": recipient, "job_type": "imaging"},
     )
     batch = Batch.decode(["t"], [0], [0], [None], [ev.encode(event)], [0])
     rows = NotificationHandler(settings).handle(batch)
