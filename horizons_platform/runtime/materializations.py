@@ -13,13 +13,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dagster as dg
 from duckdb import DuckDBPyConnection
 
 from horizons_platform.settings import Settings
 from horizons_platform.store.base import StoreBase
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,8 @@ def table_stats(con: DuckDBPyConnection) -> dict[str, dict[str, Any]]:
 
 
 def materialization_event(table: str, stats: dict[str, Any]) -> dg.AssetMaterialization:
+    import dagster as dg  # here, not at the top: see _default_instance
+
     fed = next(t for t in FED_TABLES if t.name == table)
     metadata: dict[str, Any] = {"dagster/row_count": dg.MetadataValue.int(stats["rows"])}
     if fed.group:
@@ -118,6 +122,11 @@ def materialization_event(table: str, stats: dict[str, Any]) -> dg.AssetMaterial
 
 
 def _default_instance(settings: Settings) -> dg.DagsterInstance | None:
+    # Importing Dagster takes ~0.8 s; at the top of this module it came before the
+    # consumers of a restarted host could take their partitions back. The first report
+    # is materialization_interval_s after the start, so it is imported then.
+    import dagster as dg
+
     home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_dir).resolve()
     if not (home / "dagster.yaml").exists():
         return None

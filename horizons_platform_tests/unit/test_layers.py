@@ -121,3 +121,18 @@ def test_the_ingest_process_does_not_import_the_dagster_definitions() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_starting_consumer_host_does_not_import_dagster() -> None:
+    """Importing Dagster takes ~0.8 s: a host restarted after a crash would get its
+    partitions back that much later (it reports to Dagster only after its first interval)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, horizons_platform.cli, horizons_platform.host\n"
+        "from horizons_platform.runtime.materializations import materialization_reporter\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
