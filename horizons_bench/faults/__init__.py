@@ -21,6 +21,7 @@ SCENARIOS = (
     "kills", "failover", "broker", "nodes", "dblock", "smtp", "fuzz", "hostile", "oversized"
 )  # fmt: skip
 ZERO = Target("eq", 0)
+RESTART_TARGET = Target("le", 2000)  # ms, kill -9 → a new host's partitions assigned: p50
 
 
 def run(
@@ -62,6 +63,19 @@ def run(
         verdict = "pass" if outcome.ok else "FAIL: " + "; ".join(outcome.problems())
         result.add(Figure(f"{name}: lost", lost, "rows", ZERO, note=outcome.name))
         result.add(Figure(f"{name}: doubled", doubled, "rows", ZERO, note=verdict[:120]))
+        ready = outcome.details.get("restart_to_ready_ms")
+        if ready and ready["n"]:
+            first = outcome.details.get("first_start_to_ready_ms")
+            result.add(
+                Figure(
+                    f"{name}: restart → ready p50",
+                    ready["p50_ms"],
+                    "ms",
+                    RESTART_TARGET,
+                    note=f"n={ready['n']}, p95 {ready['p95_ms']:,.0f} / max "
+                    f"{ready['max_ms']:,.0f} ms; first start {first:,.0f} ms",
+                )
+            )
     result.passed = all(o.ok for o in outcomes.values())
     result.details = {name: o.as_dict() for name, o in outcomes.items()}
     failed = [n for n, o in outcomes.items() if not o.ok]

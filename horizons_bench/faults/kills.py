@@ -22,24 +22,32 @@ def run(
 ) -> FaultOutcome:
     fault = FaultRun(ctx, "kills", smtp)
     rng = random.Random(seed)
-    restarts: list[float] = []
+    # The first host's start is no restart: it creates the groups (and on a fresh broker
+    # waits for the group coordinator), which takes seconds more; it is kept apart.
+    starts: list[float] = []
     try:
         fault.stream(events=10_000_000, rate=rate, seed=seed)  # until stopped
-        for i in range(kills):
+        for i in range(kills + 1):
             started = time.monotonic()
             host = fault.host()
-            restarts.append(time.monotonic() - started)
+            starts.append(time.monotonic() - started)
+            if i == kills:
+                break  # the host that catches up at the end
             time.sleep(rng.uniform(0.3, 2.0))
             host.kill()
-            ctx.progress.status(f"kills: {i + 1}/{kills} (ready after {restarts[-1]:.1f} s)")
+            ctx.progress.status(f"kills: {i + 1}/{kills} (ready after {starts[-1]:.1f} s)")
         fault.wait_traffic(stop=True)
         verification = fault.finish()
     finally:
         fault.stop_all()
-    ready = summary_ms(restarts)
+    restarts = starts[1:]
     return fault.outcome(
         f"SIGKILL of the consumer host ×{kills}",
         verification,
         [Check(f"{kills} kills mid-stream", len(restarts) == kills)],
-        {"kills": kills, "restart_to_ready_ms": ready},
+        {
+            "kills": kills,
+            "first_start_to_ready_ms": round(starts[0] * 1000, 1) if starts else None,
+            "restart_to_ready_ms": summary_ms(restarts),
+        },
     )
