@@ -338,7 +338,7 @@ class OutboxDispatcher:
                 if outcome.error is not None and session.lost and self._down is None:
                     self._down = outcome.error
                 self._outcomes.append(outcome)
-                del self._held[n.notification_id]
+                self._held.pop(n.notification_id, None)
                 if not self._held:
                     self._cond.notify_all()
 
@@ -367,12 +367,13 @@ class OutboxDispatcher:
             outcome_rows = pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)  # noqa: F841
             held_rows = pa.table({"notification_id": renew}, schema=HELD_SCHEMA)  # noqa: F841
             if renew:  # still queued or being sent here: not stale, whatever the clock says
-                con.execute(
-                    """
-                    UPDATE notification_queue SET claimed_at = now()
-                    FROM held_rows h WHERE notification_queue.notification_id = h.notification_id
-                    """
-                )
+                for table in ("notification_queue", "notifications"):  # (health rule: the 2nd)
+                    con.execute(
+                        f"""
+                        UPDATE {table} SET claimed_at = now()
+                        FROM held_rows h WHERE {table}.notification_id = h.notification_id
+                        """
+                    )
             if rows:
                 con.execute(
                     """

@@ -185,6 +185,41 @@ def test_a_slow_recipient_holds_up_no_other_message(tmp_path: Path) -> None:
         sink.stop()
 
 
+def test_messages_held_longer_than_the_claim_timeout_are_not_claimed_again(
+    tmp_path: Path,
+) -> None:
+    """One session, three slow recipients ahead of a fourth: the fourth waits in this
+    process's queue longer than a claim may look abandoned. Its claim is renewed, so it
+    is neither claimed a second time nor sent twice."""
+    sink = SmtpSink(rcpt_delay=lambda address: 1.2 if address.startswith("slow") else 0.0)
+    sink.start()
+    s = Settings(var_dir=tmp_path / "var", smtp_port=sink.port, smtp_connections=1)
+    owner = StoreOwner(s, serve=False)
+    assert owner.open()
+    stop = threading.Event()
+    dispatcher = OutboxDispatcher(s, owner, stop)
+    dispatcher.claim_timeout_s = 2.0  # the slow ones take 3.6 s before the last one goes
+    thread = threading.Thread(target=dispatcher.run, name="outbox", daemon=True)
+    recipients = [f"slow-{i}@observatory.example" for i in range(3)] + ["last@observatory.example"]
+    try:
+        for i, recipient in enumerate(recipients):
+            _queue_one(owner, s, f"held-{i}", recipient)
+        thread.start()
+        dispatcher.wake()
+        wait_until(
+            lambda: owner.scalar("SELECT count(*) FROM notifications WHERE status = 'sent'") == 4,
+            timeout=30,
+            what="every e-mail sent and recorded",
+        )
+        assert sorted(sink.recipients) == sorted(recipients)
+        assert owner.scalar("SELECT sum(resends) FROM notifications") == 0
+    finally:
+        stop.set()
+        thread.join(30)
+        owner.close()
+        sink.stop()
+
+
 # --- transport security (the dispatcher against a real server, no broker needed) -------
 
 
