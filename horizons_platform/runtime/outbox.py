@@ -69,8 +69,8 @@ def render_message(headers: dict[str, str], body: str) -> bytes:
     return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
 
 
-IDLE_ROUND_S = 0.5  # with nothing woken, outcomes are recorded (and the due claimed) this often
-MIN_ROUND_S = 0.1  # claim transactions at most this often, unless the last one came full
+IDLE_CLAIM_S = 0.5  # with nothing woken, outcomes are recorded (and the due claimed) this often
+MIN_CLAIM_S = 0.1  # claim transactions at most this often, unless the last one came full
 IDLE_CHECK_S = 30.0  # an idle session is NOOP-checked before use (servers drop them)
 OUTCOME_SCHEMA = pa.schema(
     [
@@ -130,7 +130,7 @@ def classify(exc: BaseException) -> tuple[bool, bool, str]:
 
 
 class SmtpSession:
-    """One SMTP connection, opened on first use and kept across rounds."""
+    """One SMTP connection, opened on first use and kept across claims."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -224,7 +224,7 @@ class OutboxDispatcher:
         self._start_workers()
         try:
             while not self.stop_event.is_set():
-                self._wake.wait(timeout=IDLE_ROUND_S)
+                self._wake.wait(timeout=IDLE_CLAIM_S)
                 self._wake.clear()
                 started = time.monotonic()
                 full = False
@@ -235,11 +235,11 @@ class OutboxDispatcher:
                     self.stop_event.wait(1.0)
                 # A claim is a transaction of a few DuckDB statements (milliseconds each,
                 # beside four ingesting groups): with nothing more due, at most one per
-                # MIN_ROUND_S. Woken by every notifications commit, the dispatcher once ran
+                # MIN_CLAIM_S. Woken by every notifications commit, the dispatcher once ran
                 # ~40 a second and took a quarter of a core at 200 events/s. A full claim
                 # means more is due: the next one follows as soon as the queue runs low.
                 if not full:
-                    self.stop_event.wait(max(0.0, MIN_ROUND_S - (time.monotonic() - started)))
+                    self.stop_event.wait(max(0.0, MIN_CLAIM_S - (time.monotonic() - started)))
         finally:
             self.close()
 
@@ -343,13 +343,13 @@ class OutboxDispatcher:
                     self._cond.notify_all()
 
     # --- the store side ------------------------------------------------------------------
-    # A round's transaction runs beside four ingesting groups, and each DuckDB statement
+    # A claim's transaction runs beside four ingesting groups, and each DuckDB statement
     # costs milliseconds of fixed overhead here: the statements below are the fewest that
-    # do the work (no temp tables; the Arrow tables are found by name), and a round with
-    # nothing due runs one SELECT.
+    # do the work (no temp tables; the Arrow tables are found by name), and a claim with
+    # nothing to record and nothing due runs one SELECT.
 
     def _record(self, limit: int = 0) -> list[Claimed]:
-        """Write the previous round's outcomes and claim up to ``limit`` due
+        """Write the outcomes gathered since the last claim and claim up to ``limit`` due
         notifications, in one transaction (a write-write conflict with the ingesting
         consumer is retried)."""
         with self._cond:
