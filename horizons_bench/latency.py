@@ -173,6 +173,7 @@ def run(
                 }
             ).start()
             host_threads = ThreadShares(host.pid).start()
+            broker_threads = ThreadShares(_broker_pid(settings)).start()
             stored_before = hostmetrics.stored_buckets(hostmetrics.scrape(metrics_port))
             started = time.monotonic()
             produce_jobs(
@@ -186,6 +187,7 @@ def run(
             achieved = ledger.total / (time.monotonic() - started)
             cores = cpu.stop()
             by_thread = host_threads.stop()
+            broker_by_thread = broker_threads.stop()
 
             def drained() -> bool:
                 states = probe.snapshot()
@@ -256,6 +258,12 @@ def run(
             f"consumer host by thread (cores on a CPU / cores' worth waiting for one): {top}; "
             f"all its threads waited {sum(waits.values()):.2f} for a CPU"
         )
+    if broker_by_thread:
+        # A broker started minutes ago still compiles its hot paths (HotSpot's C1/C2
+        # threads): cores the platform would have on a broker that has run for a while.
+        jit = sum(c for name, c in broker_by_thread.items() if "Compil" in name)
+        top = ", ".join(f"{name} {c:.2f}" for name, c in list(broker_by_thread.items())[:5])
+        result.notes.append(f"broker by thread (cores): {top}; its JIT compilers {jit:.2f}")
     result.notes.append(
         f"not measured: a {warmup:.0f} s warm-up at the same rate first (JIT, caches)"
         if warmup > 0
@@ -276,6 +284,7 @@ def run(
         "cpu_cores": {k: round(v, 3) for k, v in cores.items()},
         "host_cpu_cores_by_thread": by_thread,
         "host_cpu_wait_by_thread": host_threads.waiting,
+        "broker_cpu_cores_by_thread": broker_by_thread,
     }
     return result
 
