@@ -291,14 +291,17 @@ class OutboxDispatcher:
     def _top_up(self) -> bool:
         """Record the outcomes gathered so far and claim enough to fill the queue; True
         when the claim came back full (more is likely due)."""
-        renew_before = time.monotonic() - self.claim_timeout_s / 2
         with self._cond:
             room = self.batch - len(self._queue)
-            old = any(at < renew_before for at in self._held.values())
-            idle = room <= 0 and not self._outcomes and not old
+            idle = room <= 0 and not self._outcomes and not self._to_renew()
         if idle:
             return False
         return room > 0 and self._claim(room) >= room
+
+    def _to_renew(self) -> list[str]:
+        """Held claims half way to looking abandoned (call under _cond)."""
+        before = time.monotonic() - self.claim_timeout_s / 2
+        return [i for i, at in self._held.items() if at < before]
 
     def _claim(self, limit: int) -> int:
         claimed = self._record(limit)
@@ -354,8 +357,7 @@ class OutboxDispatcher:
         consumer is retried)."""
         with self._cond:
             outcomes, self._outcomes = self._outcomes, []
-            renew_before = time.monotonic() - self.claim_timeout_s / 2
-            renew = [i for i, at in self._held.items() if at < renew_before]
+            renew = self._to_renew()
         if not (outcomes or renew or limit):
             return []
         rows = [self._outcome_row(o) for o in outcomes]
