@@ -1,12 +1,13 @@
 """Delivers the notification outbox over SMTP.
 
-One SMTP session per worker thread, each taking the next claimed notification from a
-shared queue as soon as it is free; the dispatcher tops the queue up in a transaction
-that also writes the outcomes gathered since the last one. No session waits for
-another: a message whose server answers slowly (or times out) holds up its own session
-only, never a round. A message that cannot be built or that the server refuses for good
-(5xx) is marked ``failed`` with its reason, alone; a transient failure (4xx, a dropped
-connection) backs off that message alone.
+The dispatcher (here, in the store's owner) claims due notifications and records their
+outcomes, each time in one transaction with the outcomes gathered since the last one;
+the SMTP sessions run in a process of their own (runtime/sender.py: their Python would
+otherwise share the consumer loops' GIL), each taking the next claimed notification as
+soon as it is free. No session waits for another: a message whose server answers slowly
+(or times out) holds up its own session only. A message that cannot be built or that
+the server refuses for good (5xx) is marked ``failed`` with its reason, alone; a
+transient failure (4xx, a dropped connection) backs off that message alone.
 
 A row left claimed by a crashed process is claimed again after a timeout and counted in
 ``resends``: SMTP has no exactly-once, so a resend is possible there, and it carries the
@@ -18,60 +19,27 @@ when the dispatcher stops is handed back unsent.
 from __future__ import annotations
 
 import logging
-import re
-import smtplib
-import ssl
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.utils import format_datetime
 from typing import Any
 
 import pyarrow as pa
 
-from horizons_platform.services.notifications import header_safe
+from horizons_platform.runtime.sender import SmtpSender
+from horizons_platform.runtime.smtp import Claimed, Outcome, classify, render_message
 from horizons_platform.settings import Settings
 from horizons_platform.store.base import StoreBase
-from horizons_platform.threads import name_this_thread
+
+__all__ = ["Claimed", "OutboxDispatcher", "Outcome", "backoff", "classify", "render_message"]
 
 log = logging.getLogger(__name__)
 
 
-_UNSAFE_7BIT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_LONG_LINE = re.compile(r"[^\n]{990}")  # RFC 5322: lines of at most 998 octets
-
-
-def render_message(headers: dict[str, str], body: str) -> bytes:
-    """The RFC 5322 bytes of a plain-text e-mail.
-
-    All-ASCII messages (nearly all) are formatted directly: the email package's header
-    registry and generator cost ~10x more, and with the outbox sending hundreds a second
-    beside ingest that was a sixth of the host's Python time. Anything else (an encoded
-    subject, an internationalised address, a non-ASCII body) goes through ``EmailMessage``.
-    """
-    text = "".join(headers.values()) + body
-    if text.isascii() and not _UNSAFE_7BIT.search(text) and not _LONG_LINE.search(body):
-        lines = [f"{name}: {value}" for name, value in headers.items()]
-        lines += ["MIME-Version: 1.0", 'Content-Type: text/plain; charset="utf-8"']
-        lines += ["Content-Transfer-Encoding: 7bit", ""]
-        content = body.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "\r\n")
-        if not content.endswith("\r\n"):
-            content += "\r\n"
-        return ("\r\n".join(lines) + "\r\n" + content).encode("ascii")
-    msg = EmailMessage()
-    for name, value in headers.items():
-        msg[name] = value
-    msg.set_content(body)
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
-
-
 IDLE_CLAIM_S = 0.5  # with nothing woken, outcomes are recorded (and the due claimed) this often
 MIN_CLAIM_S = 0.1  # claim transactions at most this often, unless the last one came full
-IDLE_CHECK_S = 30.0  # an idle session is NOOP-checked before use (servers drop them)
 OUTCOME_SCHEMA = pa.schema(
     [
         ("notification_id", pa.string()),
@@ -85,111 +53,19 @@ OUTCOME_SCHEMA = pa.schema(
 HELD_SCHEMA = pa.schema([("notification_id", pa.string())])
 
 
-class SmtpConfigError(RuntimeError):
-    """The settings ask for something unsafe (a password over plaintext)."""
-
-
-@dataclass(frozen=True)
-class Claimed:
-    notification_id: str
-    recipient: str
-    subject: str
-    body: str
-    message_id: str
-    attempts: int
-
-
-@dataclass(frozen=True)
-class Outcome:
-    notification_id: str
-    attempts: int
-    error: str | None = None  # None: accepted by the server
-    permanent: bool = False
-    released: bool = False  # never attempted: handed back as it was before the claim
-
-
 def backoff(settings: Settings, attempts: int) -> float:
     return min(
         settings.smtp_backoff_initial_s * 2 ** max(0, attempts - 1), settings.smtp_backoff_max_s
     )
 
 
-def classify(exc: BaseException) -> tuple[bool, bool, str]:
-    """(permanent, connection_lost, reason) for an error while sending one message."""
-    reason = f"{type(exc).__name__}: {exc}"[:1000]
-    if isinstance(exc, smtplib.SMTPRecipientsRefused):
-        codes = [code for code, _ in exc.recipients.values()]
-        return bool(codes) and all(c >= 500 for c in codes), False, reason
-    if isinstance(exc, smtplib.SMTPServerDisconnected):
-        return False, True, reason
-    if isinstance(exc, smtplib.SMTPResponseException):
-        return exc.smtp_code >= 500, False, reason
-    if isinstance(exc, OSError | smtplib.SMTPException):
-        return False, True, reason
-    return True, False, reason  # building the message failed: retrying cannot help
+@dataclass(slots=True)
+class _Held:
+    """A notification claimed by this process and not yet given an outcome."""
 
-
-class SmtpSession:
-    """One SMTP connection, opened on first use and kept across claims."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._smtp: smtplib.SMTP | None = None
-        self._used_at = 0.0
-        self.lost = False  # the last send lost the connection (or never got one)
-
-    def _context(self) -> ssl.SSLContext:
-        # Certificate and host name verified; a private CA can be added, never skipped.
-        cafile = str(self.settings.smtp_ca_file) if self.settings.smtp_ca_file else None
-        return ssl.create_default_context(cafile=cafile)
-
-    def _open(self) -> smtplib.SMTP:
-        s = self.settings
-        secure = s.smtp_ssl or s.smtp_starttls
-        if s.smtp_username and not secure and not s.smtp_allow_plaintext_auth:
-            raise SmtpConfigError(
-                "refusing to send the SMTP password without TLS: set HORIZONS_SMTP_STARTTLS "
-                "or HORIZONS_SMTP_SSL (or HORIZONS_SMTP_ALLOW_PLAINTEXT_AUTH=true for a "
-                "trusted local relay)"
-            )
-        smtp: smtplib.SMTP
-        if s.smtp_ssl:
-            smtp = smtplib.SMTP_SSL(
-                s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_s, context=self._context()
-            )
-        else:
-            smtp = smtplib.SMTP(s.smtp_host, s.smtp_port, timeout=s.smtp_timeout_s)
-        try:
-            if s.smtp_starttls and not s.smtp_ssl:
-                smtp.starttls(context=self._context())
-            if s.smtp_username:
-                password = s.smtp_password.get_secret_value() if s.smtp_password else ""
-                smtp.login(s.smtp_username, password)
-        except BaseException:
-            smtp.close()
-            raise
-        return smtp
-
-    def get(self) -> smtplib.SMTP:
-        if self._smtp is not None and time.monotonic() - self._used_at > IDLE_CHECK_S:
-            try:
-                self._smtp.noop()
-            except (OSError, smtplib.SMTPException):
-                self.drop()
-        if self._smtp is None:
-            self.lost = True  # until the connection is up
-            self._smtp = self._open()
-        self.lost = False
-        self._used_at = time.monotonic()
-        return self._smtp
-
-    def drop(self) -> None:
-        if self._smtp is not None:
-            try:
-                self._smtp.quit()
-            except (OSError, smtplib.SMTPException):
-                self._smtp.close()
-            self._smtp = None
+    claimed_at: float  # monotonic; renewed with the claim
+    attempts: int
+    sender: int  # the generation of the sender process it went to
 
 
 class OutboxDispatcher:
@@ -197,21 +73,18 @@ class OutboxDispatcher:
         self.settings = settings
         self.store = store
         self.stop_event = stop_event
-        # SMTP sessions side by side: every message is 4 round trips, and on a busy
-        # machine each one waits for a CPU at both ends, so one session does a few
-        # dozen messages/s beside ingest (docs/decisions.md).
-        self.sessions = [SmtpSession(settings) for _ in range(max(1, settings.smtp_connections))]
+        # SMTP sessions side by side (settings.smtp_connections, in the sender process):
+        # every message is 4 round trips, and on a busy machine each one waits for a CPU
+        # at both ends, so one session does a few dozen messages/s beside ingest.
+        self.sender = SmtpSender(settings, self._on_outcome, self._on_sender_exit)
         self.batch = max(1, settings.outbox_batch)
+        self._low_water = self.batch // 2
         self._wake = threading.Event()
         self.claim_timeout_s = max(10.0, 2 * settings.smtp_timeout_s)
-        # Shared with the session workers, under _cond:
+        # Shared with the sender's reader thread, under _cond:
         self._cond = threading.Condition()
-        self._queue: deque[Claimed] = deque()  # claimed, not yet taken by a session
-        self._held: dict[str, float] = {}  # queued or being sent → when claimed (monotonic)
+        self._held: dict[str, _Held] = {}  # queued in the sender or being sent
         self._outcomes: list[Outcome] = []  # not yet recorded (with the next claim)
-        self._down: str | None = None  # a session lost the server: why (until the next claim)
-        self._closing = False
-        self._workers: list[threading.Thread] = []
         self.sent = 0
         self.failed_attempts = 0
         # Told each send's seconds and success (the host's Prometheus metrics).
@@ -221,7 +94,7 @@ class OutboxDispatcher:
         self._wake.set()
 
     def run(self) -> None:
-        self._start_workers()
+        self.sender.start()
         try:
             while not self.stop_event.is_set():
                 self._wake.wait(timeout=IDLE_CLAIM_S)
@@ -246,7 +119,6 @@ class OutboxDispatcher:
     def deliver_due(self, limit: int | None = None) -> int:
         """Claim what is due (up to ``limit``) and wait until every claimed message has an
         outcome, recorded with the next claim or ``flush()``; returns how many were claimed."""
-        self._start_workers()
         claimed = self._claim(limit or self.batch)
         with self._cond:
             self._cond.wait_for(lambda: not self._held)
@@ -260,39 +132,22 @@ class OutboxDispatcher:
     def close(self) -> None:
         """Let each session finish the message it is sending, hand back what is still
         queued, record every outcome and close the sessions."""
+        released = self.sender.close()
         with self._cond:
-            self._closing = True
-            released = [Outcome(n.notification_id, n.attempts, released=True) for n in self._queue]
-            self._queue.clear()
-            self._outcomes.extend(released)
-            self._cond.notify_all()
-        for worker in self._workers:
-            worker.join(self.settings.smtp_timeout_s * 2 + 1)
-        self._workers = []
+            for i in released:
+                held = self._held.pop(i, None)
+                if held is not None:
+                    self._outcomes.append(Outcome(i, held.attempts, released=True))
         try:
             self.flush()
         except Exception:
             log.exception("outbox: could not record the last outcomes")
-        for session in self.sessions:
-            session.drop()
-
-    def _start_workers(self) -> None:
-        if self._workers:
-            return
-        with self._cond:
-            self._closing = False
-        self._workers = [
-            threading.Thread(target=self._work, args=(session,), name=f"smtp_{i}", daemon=True)
-            for i, session in enumerate(self.sessions)
-        ]
-        for worker in self._workers:
-            worker.start()
 
     def _top_up(self) -> bool:
         """Record the outcomes gathered so far and claim enough to fill the queue; True
         when the claim came back full (more is likely due)."""
         with self._cond:
-            room = self.batch - len(self._queue)
+            room = self.batch - len(self._held)
             idle = room <= 0 and not self._outcomes and not self._to_renew()
         if idle:
             return False
@@ -301,49 +156,49 @@ class OutboxDispatcher:
     def _to_renew(self) -> list[str]:
         """Held claims half way to looking abandoned (call under _cond)."""
         before = time.monotonic() - self.claim_timeout_s / 2
-        return [i for i, at in self._held.items() if at < before]
+        return [i for i, h in self._held.items() if h.claimed_at < before]
 
     def _claim(self, limit: int) -> int:
         claimed = self._record(limit)
+        if not claimed and not self.sender.running:
+            return 0
         now = time.monotonic()
         with self._cond:
-            self._down = None  # worth another try
-            self._queue.extend(claimed)
-            self._held.update((n.notification_id, now) for n in claimed)
-            self._cond.notify_all()
+            # Held before they are sent: an outcome can come back before send() returns.
+            generation = self.sender.generation if self.sender.running else -1
+            for n in claimed:
+                self._held[n.notification_id] = _Held(now, n.attempts, generation)
+        sent_to = self.sender.send(claimed)  # also: the server is worth another try
+        if sent_to != generation:  # a new sender process was started for them
+            with self._cond:
+                for n in claimed:
+                    held = self._held.get(n.notification_id)
+                    if held is not None:
+                        held.sender = sent_to
         return len(claimed)
 
-    def _work(self, session: SmtpSession) -> None:
-        """One session's worker: take the next queued message, send it, keep its outcome."""
-        name_this_thread()
-        low_water = self.batch // 2
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closing)
-                if self._closing:
-                    return
-                n = self._queue.popleft()
-                down = self._down
-                if len(self._queue) == low_water:
-                    self._wake.set()
-            if down is not None:  # the server is gone: the rest wait for the next try
-                outcome = Outcome(n.notification_id, n.attempts, f"not attempted: {down}")
-            else:
-                started = time.monotonic()
-                try:
-                    outcome = self._deliver(session, n)
-                except Exception as exc:  # a bug here must not strand the claim
-                    log.exception("outbox: sending %s failed", n.notification_id)
-                    outcome = Outcome(n.notification_id, n.attempts, f"{type(exc).__name__}: {exc}")
-                if self.observe is not None:
-                    self.observe(time.monotonic() - started, outcome.error is None)
-            with self._cond:
-                if outcome.error is not None and session.lost and self._down is None:
-                    self._down = outcome.error
-                self._outcomes.append(outcome)
-                self._held.pop(n.notification_id, None)
-                if not self._held:
-                    self._cond.notify_all()
+    def _on_outcome(self, outcome: Outcome, seconds: float | None) -> None:
+        """On the sender's reader thread: one message's outcome."""
+        if seconds is not None and self.observe is not None:
+            self.observe(seconds, outcome.error is None)
+        with self._cond:
+            if self._held.pop(outcome.notification_id, None) is None:
+                return  # already given up on with its sender (see _on_sender_exit)
+            self._outcomes.append(outcome)
+            if len(self._held) <= self._low_water:
+                self._wake.set()
+            if not self._held:
+                self._cond.notify_all()
+
+    def _on_sender_exit(self, generation: int, reason: str) -> None:
+        """A sender process died with messages of ours: whether they went out is unknown,
+        so each is retried after its backoff (the same Message-ID if it is sent twice)."""
+        with self._cond:
+            lost = [i for i, h in self._held.items() if h.sender == generation]
+            for i in lost:
+                self._outcomes.append(Outcome(i, self._held.pop(i).attempts, reason))
+            self._cond.notify_all()
+        self._wake.set()
 
     # --- the store side ------------------------------------------------------------------
     # A claim's transaction runs beside four ingesting groups, and each DuckDB statement
@@ -446,8 +301,9 @@ class OutboxDispatcher:
             renewed = time.monotonic()
             with self._cond:
                 for i in renew:
-                    if i in self._held:
-                        self._held[i] = renewed
+                    held = self._held.get(i)
+                    if held is not None:
+                        held.claimed_at = renewed
         for o in outcomes:
             if o.released:
                 continue
@@ -483,45 +339,3 @@ class OutboxDispatcher:
             "error": o.error,
             "attempts": o.attempts,
         }
-
-    # --- the SMTP side -------------------------------------------------------------------
-
-    def _message(self, n: Claimed) -> bytes:
-        headers = {
-            "From": self.settings.smtp_from,
-            "To": n.recipient,  # one recipient, validated when the event came in
-            "Subject": header_safe(n.subject),
-            "Message-ID": n.message_id,
-            "Date": format_datetime(datetime.now(UTC)),
-            "X-Horizons-Notification-Id": n.notification_id,
-        }
-        return render_message(headers, n.body)
-
-    def _deliver(self, session: SmtpSession, n: Claimed) -> Outcome:
-        try:
-            msg = self._message(n)
-        except Exception as exc:  # e.g. a recipient stored before owners were validated
-            log.warning("outbox: %s cannot be built: %s", n.notification_id, exc)
-            return Outcome(n.notification_id, n.attempts, f"{type(exc).__name__}: {exc}", True)
-        for attempt in (1, 2):
-            try:
-                session.get().sendmail(self.settings.smtp_from, [n.recipient], msg)
-                return Outcome(n.notification_id, n.attempts)
-            except SmtpConfigError as exc:
-                session.lost = True
-                return Outcome(n.notification_id, n.attempts, str(exc))
-            except Exception as exc:
-                permanent, lost, reason = classify(exc)
-                if lost:
-                    session.drop()
-                    session.lost = True
-                    if attempt == 1 and isinstance(exc, smtplib.SMTPServerDisconnected):
-                        continue  # a kept session the server closed: one fresh try
-                    log.warning(
-                        "outbox: SMTP %s:%s unavailable: %s",
-                        self.settings.smtp_host,
-                        self.settings.smtp_port,
-                        reason,
-                    )
-                return Outcome(n.notification_id, n.attempts, reason, permanent)
-        raise AssertionError("unreachable")

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from horizons_platform import events as ev
-from horizons_platform.runtime.outbox import classify, render_message
+from horizons_platform.runtime.smtp import classify, render_message
 from horizons_platform.services.notifications import HEADER_MAX, header_safe
 
 
