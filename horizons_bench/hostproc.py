@@ -109,9 +109,23 @@ class HostProcess:
         return None
 
     def cpu_seconds(self) -> float | None:
+        """The host's CPU time, its live children's (the SMTP sender) included."""
         with contextlib.suppress(psutil.Error):
-            t = psutil.Process(self.pid).cpu_times()
-            return float(t.user + t.system)
+            proc = psutil.Process(self.pid)
+            total = 0.0
+            for p in [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            return total
+        return None
+
+    def sender_pid(self) -> int | None:
+        """The host's SMTP sender process (runtime/sender.py), if it runs one."""
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(self.pid).children():
+                if "horizons_platform.runtime.sender" in child.cmdline():
+                    return int(child.pid)
         return None
 
     def kill(self) -> int:

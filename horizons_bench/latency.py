@@ -167,6 +167,7 @@ def run(
             cpu = CpuShares(
                 {
                     "consumer host": host.pid,
+                    "consumer host's SMTP sender": host.sender_pid(),
                     "broker": _broker_pid(settings),
                     "load generator (this process)": os.getpid(),
                     "SMTP sink": smtp.pid,

@@ -262,8 +262,12 @@ def main() -> None:
     root = logging.getLogger()
     root.handlers = [_ToHost(channel)]
     root.setLevel(logging.INFO)
-    kind, settings = pickle.load(inp)
-    assert kind == "settings"
+    try:
+        kind, settings = pickle.load(inp)
+    except EOFError:
+        return  # started by hand with nothing to read: it imports, and that is all
+    if kind != "settings":
+        raise SystemExit(f"expected the settings first, got {kind!r}")
     pool = _Pool(settings, channel)
     while True:
         try:
