@@ -122,14 +122,15 @@ def materialization_event(table: str, stats: dict[str, Any]) -> dg.AssetMaterial
 
 
 def _default_instance(settings: Settings) -> dg.DagsterInstance | None:
-    # Importing Dagster takes ~0.8 s; at the top of this module it came before the
-    # consumers of a restarted host could take their partitions back. The first report
-    # is materialization_interval_s after the start, so it is imported then.
-    import dagster as dg
-
+    # Importing Dagster takes ~0.8-1.8 s of the GIL; at the top of this module it came
+    # before the consumers of a restarted host could take their partitions back, and a
+    # host with no Dagster instance to report to must not pay it at all (it took that
+    # much from the consumer loops 10 s into every `horizons bench ingest` run). The
+    # first report is materialization_interval_s after the start, so it is imported then.
     home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_dir).resolve()
     if not (home / "dagster.yaml").exists():
         return None
+    import dagster as dg
     # dagster.yaml reads DAGSTER_HOME for its storage paths.
     os.environ.setdefault("DAGSTER_HOME", str(home))
     return dg.DagsterInstance.from_config(str(home))

@@ -136,3 +136,24 @@ def test_a_starting_consumer_host_does_not_import_dagster() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_host_with_no_dagster_instance_never_imports_dagster(tmp_path: Path) -> None:
+    """The import holds the GIL for a second or two, taken from the consumer loops; with
+    no dagster.yaml to report to, the reporter finds no instance without paying it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from horizons_platform.settings import Settings\n"
+        "from horizons_platform.runtime.materializations import _default_instance\n"
+        f"assert _default_instance(Settings(dagster_dir={str(tmp_path)!r})) is None\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'dagster'))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == "[]"
