@@ -191,6 +191,11 @@ def test_ui_of_horizons_up_demo(horizons_up: Up, tmp_path: Path) -> None:
         # Tall enough for the whole expanded graph: the UI renders only nodes in view.
         page = browser.new_page(viewport={"width": 1800, "height": 2400})
         page.set_default_timeout(30_000)
+        # The same patience for what a page shows once loaded: on a loaded machine an
+        # asset page took more than expect()'s default 5 s to render its metadata (CI:
+        # "latest day" not found at 5 s; the failure screenshot, taken just after,
+        # shows it).
+        expect.set_options(timeout=30_000)
         try:
             page.goto(f"{url}/asset-groups")
             skip = page.get_by_role("button", name="Skip")  # first-visit newsletter dialog
