@@ -94,7 +94,9 @@ class OutboxDispatcher:
         self._wake.set()
 
     def run(self) -> None:
-        self.sender.start()
+        # The sender process starts with the first claim that has mail to send: its
+        # interpreter's start costs a second of CPU that a starting host (and a host
+        # that sends no mail) should not pay.
         try:
             while not self.stop_event.is_set():
                 self._wake.wait(timeout=IDLE_CLAIM_S)
