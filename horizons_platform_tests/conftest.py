@@ -8,6 +8,7 @@ file, so tests never see each other's events.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,32 @@ def _broker_jvms(data_dir: Path) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
+
+
+def _children() -> dict[int, psutil.Process]:
+    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test() -> Iterator[None]:
+    """A consumer host, Dagster instance or sender left running eats the cores the next
+    tests time themselves on (CI has seen a 13 s query take over 120 s late in the run).
+    Survivors get a few seconds to exit, then are killed and reported as a warning."""
+    before = set(_children())
+    yield
+    survivors = [p for pid, p in _children().items() if pid not in before]
+    if not survivors:
+        return
+    _, alive = psutil.wait_procs(survivors, timeout=10)
+    for proc in alive:
+        try:
+            what = " ".join(proc.cmdline())[:200]
+            proc.kill()
+        except psutil.Error:
+            continue
+        warnings.warn(
+            f"killed a process the test left running: pid {proc.pid}: {what}", stacklevel=1
+        )
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
