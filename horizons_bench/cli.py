@@ -28,10 +28,11 @@ BENCHMARKS: dict[str, str] = {
     "failover": "kill -9 the owner host N times with a hot standby: takeover time, nothing lost",
     "cluster": "produce and end-to-end throughput on 1 vs 3 Kafka brokers, in the same run",
     "audit": "verify-audit on a large trail: the full run's records/s, then after 1,000 new",
+    "transactions": "one batch's DuckDB transaction per service, without a broker (ms)",
 }
 ALL_ORDER = (
     "ingest", "latency", "query", "outbox", "burst", "memory", "soak", "faults", "failover",
-    "cluster", "audit",
+    "cluster", "audit", "transactions",
 )  # fmt: skip
 
 EPILOG = """\
@@ -160,6 +161,13 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--records", type=int, default=3_000_000, help="trail size (default 3,000,000)")
     p.add_argument(
         "--new", type=int, default=1_000, help="records added before the incremental run"
+    )
+    _common(p)
+
+    p = _parser(bench, "transactions")
+    p.add_argument("--jobs", type=int, default=20_000, help="simulated jobs (default 20,000)")
+    p.add_argument(
+        "--batch", type=int, default=100, help="messages per batch (default 100: 1,000/s)"
     )
     _common(p)
 

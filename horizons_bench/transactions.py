@@ -1,0 +1,112 @@
+"""`horizons bench transactions`: what one batch costs each service in DuckDB.
+
+At 1,000 events/s each group commits about ten small batches a second, and a batch's
+cost is mostly per statement, not per row (docs/kpis.md). This measures it without a
+broker in the way: a simulated stream's messages (the orchestrator's own bytes, captured
+instead of produced), cut into batches of ``--batch`` and handed to each service's
+handler and the loop's checkpoint against a store owner on a fresh file — the same code
+path `horizons consume` runs per batch, minus Kafka. Figures are medians over the second
+half of the batches (the tables then hold what an hour of such a stream would).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from horizons_bench.harness import BenchContext
+from horizons_bench.report import BenchResult, Figure
+from horizons_platform.kafka.checkpoint import Checkpoint
+from horizons_platform.kafka.producer import Publisher
+from horizons_platform.kafka.records import Batch
+from horizons_platform.services.orchestrator import JobOrchestratorService
+from horizons_platform.services.registry import HANDLERS
+from horizons_platform.settings import Settings
+from horizons_platform.simulate import plan, run_simulation
+from horizons_platform.store.owner import StoreOwner
+
+
+class CapturingPublisher(Publisher):
+    """The orchestrator's messages, kept in memory instead of sent: the bench measures the
+    store, and a broker would only add its own noise."""
+
+    def __init__(self, settings: Settings) -> None:  # no producer: nothing is sent
+        self.settings = settings
+        self.sent: list[tuple[str, bytes]] = []
+
+    def send_async(
+        self,
+        topic: str,
+        value: bytes | None,
+        *,
+        key: str | bytes | None,
+        headers: Any = None,
+        on_delivery: Callable[..., None] | None = None,
+    ) -> None:
+        self.sent.append((topic, value or b""))
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float | None = None) -> int:
+        return 0
+
+
+def run(ctx: BenchContext, jobs: int = 20_000, batch: int = 100, seed: int = 7) -> BenchResult:
+    result = BenchResult("transactions", params={"jobs": jobs, "batch": batch, "seed": seed})
+    settings = ctx.settings("transactions")
+    capture = CapturingPublisher(settings)
+    orch = JobOrchestratorService(settings, recover=False, wait=False, publisher=capture)
+    run_simulation(orch, plan(jobs, seed=seed, prefix="tx"), seed=seed)
+    ctx.progress.say(f"transactions: {len(capture.sent):,} messages from {jobs:,} jobs")
+    store = StoreOwner(settings, serve=False)
+    store.open()
+    try:
+        for group, cls in HANDLERS.items():
+            handler = cls(settings)
+            topics = set(handler.topics())
+            messages = [(t, v) for t, v in capture.sent if t in topics]
+            checkpoint = Checkpoint(handler, store, send_dead_letters=lambda _: None)
+            prepare_s: list[float] = []
+            commit_s: list[float] = []
+            offsets: dict[str, int] = {}
+            for start in range(0, len(messages), batch):
+                chunk = messages[start : start + batch]
+                n = len(chunk)
+                chunk_topics = [t for t, _ in chunk]
+                chunk_offsets = []
+                for topic in chunk_topics:
+                    chunk_offsets.append(offsets.get(topic, 0))
+                    offsets[topic] = chunk_offsets[-1] + 1
+                decoded = Batch.decode(
+                    chunk_topics, [0] * n, chunk_offsets, [None] * n, [v for _, v in chunk], [0] * n
+                )
+                t0 = time.perf_counter()
+                rows = checkpoint.prepare(decoded)
+                t1 = time.perf_counter()
+                checkpoint.commit(decoded, rows)
+                t2 = time.perf_counter()
+                prepare_s.append(t1 - t0)
+                commit_s.append(t2 - t1)
+            counters = checkpoint.counters
+            if counters.processed != len(messages) or counters.errors or counters.dead_letters:
+                # A batch that failed or was dead-lettered would time something else.
+                result.passed = False
+                result.notes.append(
+                    f"{group}: {counters.processed:,} of {len(messages):,} processed, "
+                    f"{counters.errors} errors, {counters.dead_letters} dead letters"
+                )
+            half = len(commit_s) // 2
+            prep = statistics.median(prepare_s[half:]) * 1000
+            commit = statistics.median(commit_s[half:]) * 1000
+            note = f"{len(commit_s):,} batches of {batch}; handler's columns {prep:.2f} ms"
+            result.add(Figure(f"{group}: one batch's transaction", commit, "ms", note=note))
+            ctx.progress.say(f"transactions: {group} {commit:.2f} ms per batch of {batch}")
+    finally:
+        store.close()
+    result.notes.append(
+        "median over the second half of the batches; a StoreOwner on a fresh file, no broker"
+    )
+    return result

@@ -1,0 +1,52 @@
+"""`horizons bench transactions` times each service's real batch path, and says so when a
+batch did not go through it (dead-lettered or failed) instead of timing that."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from horizons_bench import transactions
+from horizons_bench.harness import BenchContext, Progress
+from horizons_platform.services.registry import HANDLERS
+from horizons_platform.settings import Settings
+
+
+@pytest.fixture
+def ctx(kafka_bootstrap: str, tmp_path: Path) -> Iterator[BenchContext]:
+    base = Settings(kafka_bootstrap=kafka_bootstrap, var_dir=tmp_path / "var")  # type: ignore[call-arg]
+    context = BenchContext(
+        base=base, name="transactions", run_dir=tmp_path / "bench", bootstrap=kafka_bootstrap,
+        progress=Progress(quiet=True),
+    )  # fmt: skip
+    yield context
+    context.cleanup()
+
+
+def test_every_service_gets_a_figure_from_batches_it_stored(ctx: BenchContext) -> None:
+    result = transactions.run(ctx, jobs=200, batch=40)
+    assert result.passed, result.notes
+    figures = {f.name: f for f in result.figures}
+    for group in HANDLERS:
+        figure = figures[f"{group}: one batch's transaction"]
+        assert figure.value is not None and figure.value > 0
+        assert "batches of 40" in figure.note
+
+
+def test_batches_that_end_in_dead_letters_fail_the_run(
+    ctx: BenchContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every event invalid: each batch ends in dead letters, not in the service's tables.
+    monkeypatch.setattr(transactions.Batch, "decode", _all_invalid(transactions.Batch.decode))
+    result = transactions.run(ctx, jobs=20, batch=40)
+    assert not result.passed
+    assert any("dead letters" in note for note in result.notes)
+
+
+def _all_invalid(decode):  # type: ignore[no-untyped-def]
+    def wrapped(topics, partitions, offsets, keys, values, timestamps):  # type: ignore[no-untyped-def]
+        return decode(topics, partitions, offsets, keys, [b"{" for _ in values], timestamps)
+
+    return wrapped
