@@ -131,6 +131,7 @@ def _default_instance(settings: Settings) -> dg.DagsterInstance | None:
     if not (home / "dagster.yaml").exists():
         return None
     import dagster as dg
+
     # dagster.yaml reads DAGSTER_HOME for its storage paths.
     os.environ.setdefault("DAGSTER_HOME", str(home))
     return dg.DagsterInstance.from_config(str(home))
