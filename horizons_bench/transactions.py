@@ -7,11 +7,16 @@ instead of produced), cut into batches of ``--batch`` and handed to each service
 handler and the loop's checkpoint against a store owner on a fresh file — the same code
 path `horizons consume` runs per batch, minus Kafka. Figures are medians over the second
 half of the batches (the tables then hold what an hour of such a stream would).
+
+The outbox's cycle (record the last claim's outcomes, claim the next due) is timed the
+same way, over ``--history`` notifications already sent: its joins with
+``notifications`` must cost what they cost on a fresh file, not grow with the table.
 """
 
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +26,7 @@ from horizons_bench.report import BenchResult, Figure
 from horizons_platform.kafka.checkpoint import Checkpoint
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.kafka.records import Batch
+from horizons_platform.runtime.outbox import OutboxDispatcher, Outcome
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import Settings
@@ -54,8 +60,16 @@ class CapturingPublisher(Publisher):
         return 0
 
 
-def run(ctx: BenchContext, jobs: int = 20_000, batch: int = 100, seed: int = 7) -> BenchResult:
-    result = BenchResult("transactions", params={"jobs": jobs, "batch": batch, "seed": seed})
+def run(
+    ctx: BenchContext,
+    jobs: int = 20_000,
+    batch: int = 100,
+    seed: int = 7,
+    history: int = 2_000_000,
+) -> BenchResult:
+    result = BenchResult(
+        "transactions", params={"jobs": jobs, "batch": batch, "seed": seed, "history": history}
+    )
     settings = ctx.settings("transactions")
     capture = CapturingPublisher(settings)
     orch = JobOrchestratorService(settings, recover=False, wait=False, publisher=capture)
@@ -64,6 +78,9 @@ def run(ctx: BenchContext, jobs: int = 20_000, batch: int = 100, seed: int = 7) 
     store = StoreOwner(settings, serve=False)
     store.open()
     try:
+        if history:
+            store.write(lambda con: _sent_history(con, history))
+            ctx.progress.say(f"transactions: {history:,} notifications already sent, stored")
         for group, cls in HANDLERS.items():
             handler = cls(settings)
             topics = set(handler.topics())
@@ -104,9 +121,48 @@ def run(ctx: BenchContext, jobs: int = 20_000, batch: int = 100, seed: int = 7) 
             note = f"{len(commit_s):,} batches of {batch}; handler's columns {prep:.2f} ms"
             result.add(Figure(f"{group}: one batch's transaction", commit, "ms", note=note))
             ctx.progress.say(f"transactions: {group} {commit:.2f} ms per batch of {batch}")
+        cycle = _outbox_cycles(settings, store, batch)
+        note = f"claim {batch} due + record their outcomes, beside {history:,} sent before"
+        result.add(Figure("outbox: one claim's transaction", cycle, "ms", note=note))
+        ctx.progress.say(f"transactions: outbox {cycle:.2f} ms per claim of {batch}")
     finally:
         store.close()
     result.notes.append(
         "median over the second half of the batches; a StoreOwner on a fresh file, no broker"
     )
     return result
+
+
+def _sent_history(con: Any, rows: int) -> None:
+    """``rows`` notifications sent over the days before the run, oldest first (the order
+    the notifications group appends them in), their ids random UUIDs like the real ones
+    (ids that sort apart from the run's would let DuckDB skip them by min/max alone)."""
+    con.execute(
+        f"""
+        INSERT INTO notifications (notification_id, event_id, job_id, kind, recipient,
+            subject, body, message_id, status, attempts, created_at, sent_at, resends)
+        SELECT id, 'hist-event-' || i, 'hist-job-' || i, 'completed',
+            'owner-' || (i % 500) || '@example.org', 'Job hist-job-' || i || ' completed',
+            repeat('x', 300), '<' || id || '@horizons.local>', 'sent', 1, t, t, 0
+        FROM (SELECT range AS i, uuid()::VARCHAR AS id,
+                     now() - INTERVAL 3 DAY + range * INTERVAL 100 MICROSECOND AS t
+              FROM range({int(rows)}))
+        """
+    )
+
+
+def _outbox_cycles(settings: Settings, store: StoreOwner, limit: int) -> float:
+    """Median ms of the outbox's transaction over the notifications the run queued: each
+    claims ``limit`` and records the previous claim's outcomes (as sent)."""
+    dispatcher = OutboxDispatcher(settings, store, threading.Event())
+    took: list[float] = []
+    claimed = dispatcher._record(limit)
+    while claimed:
+        dispatcher._outcomes = [Outcome(c.notification_id, c.attempts) for c in claimed]
+        t0 = time.perf_counter()
+        claimed = dispatcher._record(limit)
+        took.append(time.perf_counter() - t0)
+    left = store.scalar("SELECT count(*) FROM notification_queue")
+    if left:
+        raise RuntimeError(f"the outbox left {left} notifications queued")
+    return statistics.median(took[len(took) // 2 :]) * 1000 if took else 0.0

@@ -115,7 +115,11 @@ class NotificationHandler(Handler):
             return {}
         ids = [r["notification_id"] for r in rows]
         return {
-            "notification_queue": {"notification_id": ids, "next_attempt_at": [created] * len(ids)},
+            "notification_queue": {
+                "notification_id": ids,
+                "next_attempt_at": [created] * len(ids),
+                "created_at": [created] * len(ids),
+            },
             "notifications": rows_to_columns(rows),
         }
 

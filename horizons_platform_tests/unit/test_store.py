@@ -51,6 +51,29 @@ def test_a_file_migrated_by_a_newer_version_is_refused(tmp_path: Path) -> None:
             migrate(con)
 
 
+def test_migration_7_gives_queued_notifications_their_created_at(tmp_path: Path) -> None:
+    # The outbox joins the queue with notifications on (id, created_at): a queued row
+    # left without its notification's created_at would never be claimed again.
+    with duckdb.connect(str(tmp_path / "v6.duckdb")) as con:
+        con.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)"
+        )
+        for version, sql in MIGRATIONS[:6]:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_migrations VALUES (?, now())", [version])
+        created = datetime(2026, 11, 30, 8, 15, 1, 123456, tzinfo=UTC)
+        con.execute(
+            "INSERT INTO notifications (notification_id, event_id, job_id, kind, recipient, "
+            "subject, body, message_id, status, attempts, created_at, resends) VALUES "
+            "('n-1', 'e-1', 'j-1', 'completed', 'a@example.org', 's', 'b', '<n-1@x>', "
+            "'pending', 0, ?, 0)",
+            [created],
+        )
+        con.execute("INSERT INTO notification_queue VALUES ('n-1', ?, NULL)", [created])
+        assert migrate(con) == MIGRATIONS[-1][0]
+        assert con.execute("SELECT created_at FROM notification_queue").fetchall() == [(created,)]
+
+
 def test_schema_is_migrated_once_and_versioned(tmp_path: Path) -> None:
     store = _store(tmp_path)
     assert store.scalar("SELECT max(version) FROM schema_migrations") == MIGRATIONS[-1][0]
