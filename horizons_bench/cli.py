@@ -173,8 +173,9 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         "--history",
         type=int,
         default=2_000_000,
-        help="notifications already sent, stored before the run (default 2,000,000: "
-        "about two days at 1,000 events/s); the outbox's claims are timed against them",
+        help="finished jobs and sent notifications stored before the run (default "
+        "2,000,000: hours to days of a 1,000 events/s stream); batches and the outbox's "
+        "claims are timed against them",
     )
     _common(p)
 

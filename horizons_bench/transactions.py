@@ -8,9 +8,10 @@ handler and the loop's checkpoint against a store owner on a fresh file — the 
 path `horizons consume` runs per batch, minus Kafka. Figures are medians over the second
 half of the batches (the tables then hold what an hour of such a stream would).
 
-The outbox's cycle (record the last claim's outcomes, claim the next due) is timed the
-same way, over ``--history`` notifications already sent: its joins with
-``notifications`` must cost what they cost on a fresh file, not grow with the table.
+Before the run the store is given ``--history`` finished jobs and sent notifications
+(days of such a stream): a batch must cost what it costs on a fresh file, not grow with
+the tables. The outbox's cycle (record the last claim's outcomes, claim the next due) is
+timed the same way.
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def run(
     store.open()
     try:
         if history:
-            store.write(lambda con: _sent_history(con, history))
-            ctx.progress.say(f"transactions: {history:,} notifications already sent, stored")
+            store.write(lambda con: _history(con, history))
+            ctx.progress.say(f"transactions: {history:,} finished jobs and sent e-mails stored")
         for group, cls in HANDLERS.items():
             handler = cls(settings)
             topics = set(handler.topics())
@@ -122,7 +123,7 @@ def run(
             result.add(Figure(f"{group}: one batch's transaction", commit, "ms", note=note))
             ctx.progress.say(f"transactions: {group} {commit:.2f} ms per batch of {batch}")
         cycle = _outbox_cycles(settings, store, batch)
-        note = f"claim {batch} due + record their outcomes, beside {history:,} sent before"
+        note = f"claim {batch} due + record their outcomes; {history:,} sent before"
         result.add(Figure("outbox: one claim's transaction", cycle, "ms", note=note))
         ctx.progress.say(f"transactions: outbox {cycle:.2f} ms per claim of {batch}")
     finally:
@@ -133,10 +134,24 @@ def run(
     return result
 
 
-def _sent_history(con: Any, rows: int) -> None:
-    """``rows`` notifications sent over the days before the run, oldest first (the order
-    the notifications group appends them in), their ids random UUIDs like the real ones
-    (ids that sort apart from the run's would let DuckDB skip them by min/max alone)."""
+def _history(con: Any, rows: int) -> None:
+    """``rows`` jobs finished and notifications sent over the days before the run, oldest
+    first (the order the groups append them in), their ids random UUIDs like the real
+    ones (ids that sort apart from the run's would let DuckDB skip them by min/max)."""
+    con.execute(
+        f"""
+        INSERT INTO jobs (job_id, status, owner, job_type, submitted_at, started_at,
+            finished_at, duration_s, queue_time_s, last_event_id, updated_at)
+        SELECT id, 'completed', 'owner-' || (i % 500) || '@example.org', 'imaging',
+            t, t, t, 0, 0, 'hist-event-' || i, t
+        FROM (SELECT range AS i,
+                     -- among the run's own ids (tx-000000…) in sort order, as random
+                     -- producer ids would be
+                     printf('tx-%06d-%d', hash(range) % 1000000, range) AS id,
+                     now() - INTERVAL 3 DAY + range * INTERVAL 100 MICROSECOND AS t
+              FROM range({int(rows)}))
+        """
+    )
     con.execute(
         f"""
         INSERT INTO notifications (notification_id, event_id, job_id, kind, recipient,
