@@ -227,8 +227,8 @@ class OutboxDispatcher:
             held_rows = pa.table({"notification_id": renew}, schema=HELD_SCHEMA)  # noqa: F841
             # Every join with ``notifications`` also matches the created_at the queue
             # keeps: DuckDB then skips the table's older segments by their min/max
-            # instead of scanning all of it (schema.py, migration 7), so a claim costs
-            # the same at ten million notifications as at ten thousand.
+            # instead of scanning all of it (schema.py, migration 7): a claim of 100
+            # beside 2,000,000 stored took 524 ms on the id alone, ~20 ms so (kpis.md).
             if renew:  # still queued or being sent here: not stale, whatever the clock says
                 con.execute(
                     """
