@@ -26,7 +26,7 @@ def ctx(kafka_bootstrap: str, tmp_path: Path) -> Iterator[BenchContext]:
 
 
 def test_every_service_gets_a_figure_from_batches_it_stored(ctx: BenchContext) -> None:
-    result = transactions.run(ctx, jobs=200, batch=40)
+    result = transactions.run(ctx, jobs=200, batch=40, history=20_000)
     assert result.passed, result.notes
     figures = {f.name: f for f in result.figures}
     for group in HANDLERS:
@@ -40,7 +40,7 @@ def test_batches_that_end_in_dead_letters_fail_the_run(
 ) -> None:
     # Every event invalid: each batch ends in dead letters, not in the service's tables.
     monkeypatch.setattr(transactions.Batch, "decode", _all_invalid(transactions.Batch.decode))
-    result = transactions.run(ctx, jobs=20, batch=40)
+    result = transactions.run(ctx, jobs=20, batch=40, history=0)
     assert not result.passed
     assert any("dead letters" in note for note in result.notes)
 

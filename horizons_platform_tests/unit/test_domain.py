@@ -113,6 +113,32 @@ def test_payload_key_order_does_not_matter_but_values_do() -> None:
     assert audit.link(audit.GENESIS, {**row, "raw": b"x", "valid": False}) != h
 
 
+def test_the_batch_chain_hashes_exactly_as_the_verifier_links() -> None:
+    # chain_columns inlines _link for speed; verify() recomputes every row with link().
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    columns = {
+        "topic": ["job-lifecycle", "job-lifecycle", "audit-trail", "job-lifecycle"],
+        "partition": [0, 1, 0, 2],
+        "offset": [10, 11, 0, 7],
+        "recorded_at": [t0] * 3 + [t0 + timedelta(microseconds=1)],
+        "valid": [True, False, True, False],
+        "event_id": ["e1", None, "e|3", "\ud800"],  # a lone surrogate from JSON
+        "job_id": ["j1", "j2", None, "2:ab"],
+        "event_type": ["job.started", None, "audit.record", "job.x"],
+        "occurred_at": [t0 - timedelta(days=1), None, t0, t0 + timedelta(microseconds=3)],
+        "validation_error": [None, "field required", None, "bad|\nvalue"],
+        "raw": [b"{}", b"", b'{"a":1}', b"\xff"],
+    }
+    tail = audit.chain_columns(columns, 41, "f" * 64)
+    rows = [{name: values[i] for name, values in columns.items()} for i in range(4)]
+    assert [r["seq"] for r in rows] == [42, 43, 44, 45] and rows[0]["prev_hash"] == "f" * 64
+    assert audit.verify(rows, start=(41, "f" * 64)).ok
+    assert tail == (45, rows[-1]["hash"])
+    assert columns["recorded_us"][3] - columns["recorded_us"][0] == 1
+    rows[3]["recorded_at"] = t0
+    assert audit.verify(rows, start=(41, "f" * 64)).first_bad_seq == 45
+
+
 # --- health rules --------------------------------------------------------------------------
 
 TH = rules.Thresholds(
