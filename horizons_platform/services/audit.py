@@ -305,7 +305,8 @@ def verify(
 def audit_columns(batch: Batch, recorded_at: datetime) -> Columns:
     """One ``audit_log`` row per message, valid or not (seq and hashes come later)."""
     n = len(batch)
-    events = batch.events
+    # Valid events, or (see below) stand-ins for the invalid ones: never None.
+    events: list[Any] = batch.events
     if batch.errors:
         # Invalid messages get what can be read of their JSON; a placeholder stands in
         # for their event in the comprehensions below (fields the row keeps NULL).
