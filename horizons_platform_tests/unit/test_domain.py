@@ -3,6 +3,7 @@ job-row folding, traffic plans."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -233,6 +234,16 @@ def test_notification_ids_are_stable_per_event_and_kind() -> None:
     assert a == notification_id("e1", "completed")
     assert a != notification_id("e1", "failed") and a != notification_id("e2", "completed")
     assert message_id(a) == f"<{a}@horizons.local>"
+
+
+@pytest.mark.parametrize("event_id", ["e1", str(uuid.uuid4()), "ünïcode", "", "a:b" * 300])
+def test_notification_ids_are_the_uuid5_of_event_and_kind(event_id: str) -> None:
+    # The inlined form must keep every id ever stored: replays are deduplicated by it.
+    from horizons_platform.services.notifications import _NAMESPACE
+
+    for kind in ("completed", "failed", "cancelled", "submitted"):
+        expected = str(uuid.uuid5(_NAMESPACE, f"{event_id}:{kind}"))
+        assert notification_id(event_id, kind) == expected
 
 
 def test_plan_is_deterministic_and_interleaving_keeps_each_job_in_order() -> None:
