@@ -250,7 +250,7 @@ def _record_fields(one: Batch) -> dict[str, Any]:
         "topic": one.topics[0],
         "partition": one.partitions[0],
         "offset": one.offsets[0],
-        "event_id": str(event["event_id"]) if event else None,
+        "event_id": event["event_id"] if event else None,
         "trace_id": trace_id_of(event["trace_id"]) if event else None,
     }
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from hashlib import sha256 as _sha256
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -77,13 +78,8 @@ def _iso(ts: datetime | None) -> str | None:
     return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _micros(ts: datetime | None) -> str:
-    return "-" if ts is None else str((ts - _EPOCH) // _MICROSECOND)
-
-
-def _text(value: str | None) -> str:
-    # Length-prefixed: no choice of job_id can shift bytes into the next field.
-    return "-" if value is None else f"{len(value)}:{value}"
+def _micros(ts: datetime | None) -> int | None:
+    return None if ts is None else (ts - _EPOCH) // _MICROSECOND
 
 
 def _canonical_payload(payload: Any) -> Any:
@@ -115,25 +111,33 @@ def _link(
     topic: str,
     partition: int,
     offset: int,
-    recorded_us: str,
+    recorded_us: int | None,
     valid: bool,
     event_id: str | None,
     job_id: str | None,
     event_type: str | None,
-    occurred_us: str,
+    occurred_us: int | None,
     validation_error: str | None,
     raw: bytes | None,
 ) -> str:
+    """Rule 2's hash of one row. Text fields are length-prefixed (no choice of job_id
+    can shift bytes into the next field), a missing value is ``-``. Written out in one
+    expression: this runs per message on the auditor's polling thread, where helper
+    calls per field cost as much as the two SHA-256 calls."""
     head = (
-        f"{prev_hash}|{seq}|{topic}/{partition}/{offset}|{recorded_us}|{valid:d}|"
-        f"{_text(event_id)}|{_text(job_id)}|{_text(event_type)}|{occurred_us}|"
-        f"{_text(validation_error)}|"
+        f"{prev_hash}|{seq}|{topic}/{partition}/{offset}|"
+        f"{'-' if recorded_us is None else recorded_us}|{valid:d}|"
+        f"{'-' if event_id is None else f'{len(event_id)}:{event_id}'}|"
+        f"{'-' if job_id is None else f'{len(job_id)}:{job_id}'}|"
+        f"{'-' if event_type is None else f'{len(event_type)}:{event_type}'}|"
+        f"{'-' if occurred_us is None else occurred_us}|"
+        f"{'-' if validation_error is None else f'{len(validation_error)}:{validation_error}'}|"
     )
     try:
         data = head.encode()
     except UnicodeEncodeError:  # a lone surrogate from JSON: still hashable, not storable
         data = head.encode("utf-8", "surrogatepass")
-    return hashlib.sha256(data + hashlib.sha256(raw or b"").digest()).hexdigest()
+    return _sha256(data + _sha256(raw or b"").digest()).hexdigest()
 
 
 def link(prev_hash: str, row: dict[str, Any]) -> str:
@@ -168,12 +172,8 @@ def chain(rows: list[dict[str, Any]], last_seq: int, last_hash: str | None) -> N
 
 def chain_columns(columns: Columns, last_seq: int, last_hash: str | None) -> tuple[int, str]:
     """Rule 2 over a batch of columns: adds seq, prev_hash and hash; returns the new tail.
-
-    The same bytes as :func:`_link`, with the per-row work inlined: on the auditor's
-    polling thread this loop is the largest share after validation, and the function
-    calls (``_link``, five ``_text``) cost as much as the two SHA-256 calls. The
-    timestamps become microseconds once here (``recorded_us``/``occurred_us``), which
-    the insert reuses instead of converting the datetimes to Arrow again."""
+    The timestamps become microseconds once here (``recorded_us``/``occurred_us``),
+    which the insert reuses instead of converting the datetimes to Arrow again."""
     n = len(columns["offset"])
     seqs = list(range(last_seq + 1, last_seq + n + 1))
     prevs: list[str] = []
@@ -181,9 +181,7 @@ def chain_columns(columns: Columns, last_seq: int, last_hash: str | None) -> tup
     prev = last_hash or GENESIS
     recorded = columns["recorded_us"] = _micros_column(columns["recorded_at"], one_value=True)
     occurred = columns["occurred_us"] = _micros_column(columns["occurred_at"])
-    sha256 = hashlib.sha256
-    keep_prev, keep_hash = prevs.append, hashes.append
-    for seq, topic, part, off, rec_us, valid, eid, jid, etype, occ_us, err, raw in zip(
+    for values in zip(
         seqs,
         columns["topic"],
         columns["partition"],
@@ -198,22 +196,9 @@ def chain_columns(columns: Columns, last_seq: int, last_hash: str | None) -> tup
         columns["raw"],
         strict=True,
     ):
-        # Keep in step with _link (the unit tests hold the two to the same hashes).
-        head = (
-            f"{prev}|{seq}|{topic}/{part}/{off}|{'-' if rec_us is None else rec_us}|{valid:d}|"
-            f"{'-' if eid is None else f'{len(eid)}:{eid}'}|"
-            f"{'-' if jid is None else f'{len(jid)}:{jid}'}|"
-            f"{'-' if etype is None else f'{len(etype)}:{etype}'}|"
-            f"{'-' if occ_us is None else occ_us}|"
-            f"{'-' if err is None else f'{len(err)}:{err}'}|"
-        )
-        try:
-            data = head.encode()
-        except UnicodeEncodeError:  # a lone surrogate from JSON: still hashable
-            data = head.encode("utf-8", "surrogatepass")
-        keep_prev(prev)
-        prev = sha256(data + sha256(raw or b"").digest()).hexdigest()
-        keep_hash(prev)
+        prevs.append(prev)
+        prev = _link(prev, *values)
+        hashes.append(prev)
     columns["seq"], columns["prev_hash"], columns["hash"] = seqs, prevs, hashes
     columns["hash_rule"] = [RULE_RAW_BYTES] * n
     return (seqs[-1], prev) if n else (last_seq, last_hash or GENESIS)
@@ -221,8 +206,8 @@ def chain_columns(columns: Columns, last_seq: int, last_hash: str | None) -> tup
 
 def _micros_column(values: list[datetime | None], one_value: bool = False) -> list[int | None]:
     """Microseconds since the epoch (a batch's one ``recorded_at`` is converted once)."""
-    if one_value and values and values[0] is not None and values.count(values[0]) == len(values):
-        return [(values[0] - _EPOCH) // _MICROSECOND] * len(values)
+    if one_value and values and values.count(values[0]) == len(values):
+        return [_micros(values[0])] * len(values)
     return [None if ts is None else (ts - _EPOCH) // _MICROSECOND for ts in values]
 
 
@@ -305,40 +290,34 @@ def verify(
 def audit_columns(batch: Batch, recorded_at: datetime) -> Columns:
     """One ``audit_log`` row per message, valid or not (seq and hashes come later)."""
     n = len(batch)
-    # Valid events, or (see below) stand-ins for the invalid ones: never None.
-    events: list[Any] = batch.events
-    if batch.errors:
-        # Invalid messages get what can be read of their JSON; a placeholder stands in
-        # for their event in the comprehensions below (fields the row keeps NULL).
-        hints = {i: _best_effort_fields(batch.values[i]) for i in batch.errors}
-        events = [
-            e if e is not None else _invalid_stand_in(hints.get(i, {}))
-            for i, e in enumerate(events)
-        ]
+    errors = batch.errors
     # Comprehensions, not one loop appending to six lists: this runs for every message
-    # on the auditor's polling thread.
+    # on the auditor's polling thread. An invalid message's event is None; a stand-in
+    # holds what can be read of its JSON (the fields the row keeps otherwise NULL).
+    events: list[Any] = batch.events
+    if errors:
+        events = [
+            e if e is not None else _invalid_stand_in(batch.values[i]) for i, e in enumerate(events)
+        ]
     return {
         "topic": batch.topics,
         "partition": batch.partitions,
         "offset": batch.offsets,
         "recorded_at": [recorded_at] * n,
         "valid": [e is not None for e in batch.events],
-        "event_id": [None if (x := e["event_id"]) is None else str(x) for e in events],
+        "event_id": [e["event_id"] for e in events],  # text already (events.validate)
         "job_id": [e["job_id"] for e in events],
         "event_type": [e["event_type"] for e in events],
         "occurred_at": [e["occurred_at"] for e in events],
-        "validation_error": [
-            safe_text(batch.errors[i]) if i in batch.errors else None for i in range(n)
-        ]
-        if batch.errors
-        else [None] * n,
+        "validation_error": [safe_text(errors[i]) if i in errors else None for i in range(n)],
         "raw": [v or b"" for v in batch.values],
         "cluster_id": [batch.cluster_id] * n,
         "trace_id": [trace_id_of(e["trace_id"]) for e in events],
     }
 
 
-def _invalid_stand_in(hint: dict[str, str]) -> dict[str, Any]:
+def _invalid_stand_in(raw: bytes | None) -> dict[str, Any]:
+    hint = _best_effort_fields(raw)
     return {
         "event_id": hint.get("event_id"),
         "job_id": hint.get("job_id"),

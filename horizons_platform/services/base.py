@@ -21,7 +21,7 @@ def job_event_columns(batch: Batch, indices: list[int], ingested_at: datetime) -
     """The ``job_events`` columns of the valid events ``indices``."""
     events: list[Any] = [batch.events[i] for i in indices]
     return {
-        "event_id": [str(e["event_id"]) for e in events],
+        "event_id": [e["event_id"] for e in events],
         "event_type": [e["event_type"] for e in events],
         "job_id": [e["job_id"] for e in events],
         "occurred_at": [e["occurred_at"] for e in events],

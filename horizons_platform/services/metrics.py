@@ -94,7 +94,7 @@ def job_update(event: EventDict, updated_at: datetime) -> dict[str, Any]:
         "submitted_at": occurred if kind == JOB_SUBMITTED else None,
         "started_at": occurred if kind == JOB_STARTED else None,
         "finished_at": occurred if kind in TERMINAL_TYPES else None,
-        "last_event_id": str(event["event_id"]),
+        "last_event_id": event["event_id"],
         "updated_at": updated_at,
         "trace_id": trace_id_of(event["trace_id"]),
     }
@@ -104,7 +104,7 @@ def metrics_columns(events: list[Any], ingested_at: datetime) -> Columns:
     """The ``job_metrics`` columns of job.metrics events."""
     payloads = [e["payload"] for e in events]
     return {
-        "event_id": [str(e["event_id"]) for e in events],
+        "event_id": [e["event_id"] for e in events],
         "job_id": [e["job_id"] for e in events],
         "job_type": [p["job_type"] for p in payloads],
         "outcome": [p["outcome"] for p in payloads],

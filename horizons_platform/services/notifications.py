@@ -101,7 +101,7 @@ class NotificationHandler(Handler):
         for i in batch.where(self.kinds):
             event: Any = batch.events[i]
             kind = KINDS[event["event_type"]]
-            event_id = str(event["event_id"])
+            event_id = event["event_id"]
             nid = notification_id(event_id, kind)
             subject, body = render(event, kind)
             rows.append(

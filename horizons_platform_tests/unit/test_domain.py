@@ -115,7 +115,7 @@ def test_payload_key_order_does_not_matter_but_values_do() -> None:
 
 
 def test_the_batch_chain_hashes_exactly_as_the_verifier_links() -> None:
-    # chain_columns inlines _link for speed; verify() recomputes every row with link().
+    # chain_columns hashes a batch of columns; verify() recomputes every row from the dicts.
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     columns = {
         "topic": ["job-lifecycle", "job-lifecycle", "audit-trail", "job-lifecycle"],
