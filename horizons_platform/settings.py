@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     # its standbys share it; empty: dynamic membership.
     group_instance_id: str | None = None
     broker_grace_s: float = 30.0  # how long consumers ride out a lost broker
+    # How often a running group's stored offsets are compared with the cluster (a
+    # replaced cluster, retention overtaking the group), off the polling thread.
+    offsets_check_interval_s: float = Field(default=30.0, gt=0)
     # Logs: "text" or "json" (one object per line; read by the CLI before anything else).
     log_format: str = "text"
     # The files `horizons up` writes under var/logs roll over at this size, keeping N.
@@ -114,6 +117,8 @@ class Settings(BaseSettings):
     # query runs on these; the spare core keeps the consumers committing meanwhile.
     store_threads: int | None = None
     store_checkpoint_mb: int = Field(default=256, ge=1)  # WAL size that triggers a checkpoint
+    # The consumers' writer cursors skip DuckDB's optimizer (StoreOwner.lean_writer).
+    store_lean_writers: bool = True
 
     # --- notifications / SMTP ------------------------------------------------------------
     smtp_host: str = "127.0.0.1"

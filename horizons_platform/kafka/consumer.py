@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -28,6 +29,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from horizons_platform.kafka import offsets
 from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter, StoreFailed, is_store_failure
+from horizons_platform.kafka.offsets_watch import OffsetsWatch
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.kafka.records import Batch, Handler, Tables, now
 from horizons_platform.settings import Settings
@@ -52,10 +54,13 @@ EXIT_STORE = 7  # the store kept failing (I/O, memory) past store_retry_s; nothi
 
 SIGNAL_INTERVAL_S = 1.0
 # Stored offsets are checked against the cluster on every assignment, after a broker
-# outage, when the store fenced records, and at least this often.
-OFFSETS_CHECK_INTERVAL_S = 30.0
+# outage, when the store fenced records, and when the watch (kafka/offsets_watch.py),
+# which looks every offsets_check_interval_s off the loop's thread, suspects them.
 DLQ_MAX_VALUE_BYTES = 512 * 1024
 POLL_SLICE_S = 0.005
+# After a batch's first message, the rest of its fetch answer is taken within this
+# (librdkafka hands an answer's partitions to the queue one after the other).
+CLUMP_S = 0.002
 # How often Kafka's committed offsets are read back and compared with what was stored.
 COMMIT_CHECK_S = 5.0
 # A loop that got nothing for this long asks the broker for metadata: librdkafka's error
@@ -109,14 +114,18 @@ class ConsumerLoop:
         self.raise_alerts = raise_alerts
         self.metrics = metrics
         self.refused: str | None = None  # why the stored offsets must not be used
-        self._next_offsets_check = time.monotonic() + OFFSETS_CHECK_INTERVAL_S
+        self._next_offsets_check = math.inf  # the loop's own check, when not on assignment
+        self._held: list[tuple[str, int]] = []  # the partitions assigned now
+        self._watch = OffsetsWatch(
+            settings, self.group, store, lambda: self._held, settings.offsets_check_interval_s
+        )
         self._client_id = client_id or f"{self.group}-{socket.gethostname()}-{os.getpid()}"
         self.checkpoint = Checkpoint(
             handler, store, send_dead_letters=self._send_dead_letters, extra_rows=self._signals
         )
         # One writer thread: batch N's transaction runs there while batch N+1 is polled.
         self._writer = ThreadPoolExecutor(
-            1, thread_name_prefix=f"store-{self.group}", initializer=name_this_thread
+            1, thread_name_prefix=f"store-{self.group}", initializer=self._writer_started
         )
         self._in_flight: Future[dict[tuple[str, int], int]] | None = None
         # Per partition held whose stored next offset Kafka has not yet been seen to
@@ -127,17 +136,22 @@ class ConsumerLoop:
         self._rejoins: list[float] = []  # when Kafka fenced this member (see _rejoin)
         self._consumer = self._new_consumer()
 
+    def _writer_started(self) -> None:
+        name_this_thread()
+        self.store.lean_writer()
+
     def _new_consumer(self) -> Consumer:
         config: dict[str, object] = {
             "group.id": self.group,
             "client.id": self._client_id,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
-            # The broker answers a fetch when 64 KiB are there or after 20 ms: at a few
-            # thousand events/s an answer per produced message (fetch.min.bytes=1) kept
-            # the broker busy on 4 groups' fetches and every process short of CPU on two
-            # cores (produce → committed p99 ~1 s at 1,000 events/s, ~0.3 s since).
-            "fetch.wait.max.ms": 20,
+            # The broker answers a fetch when 64 KiB are there or after the batch
+            # window: that answer is the loop's batch (see _poll). At a few thousand
+            # events/s an answer per produced message (fetch.min.bytes=1) kept the
+            # broker busy on 4 groups' fetches and every process short of CPU on two
+            # cores (produce → committed p99 ~1 s at 1,000 events/s).
+            "fetch.wait.max.ms": max(1, round(self.settings.batch_max_wait_s * 1000)),
             "fetch.min.bytes": 65536,
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 1_000,
@@ -161,6 +175,7 @@ class ConsumerLoop:
     def run(self) -> int:
         """Consume until stopped (exit 0) or the broker stays lost past the grace period."""
         self._subscribe()
+        self._watch.start()
         code = EXIT_OK
         try:
             while not self.stop_event.is_set():
@@ -217,35 +232,37 @@ class ConsumerLoop:
         return code
 
     def _poll(self) -> list[Any]:
-        """One batch window: up to batch_max_messages or batch_max_wait_s. While the
-        previous batch's transaction runs, the window is polled in slices of POLL_SLICE_S
-        and the batch's offsets go to Kafka as soon as it is stored, not at the end of
-        the window (it was ~40 ms of the ~120 ms produce → committed median at 1,000
-        events/s)."""
+        """One batch: what the broker's next fetch answer brings, taken the moment it
+        arrives, plus whatever else is queued (up to batch_max_messages).
+
+        The batch window is the broker's: it holds each fetch for up to
+        ``batch_max_wait_s`` (fetch.wait.max.ms) unless 64 KiB are there first, so a
+        quiet stream arrives in one clump per window and a busy one in 64 KiB clumps.
+        Waiting out a window of our own after that (what the loop once did) added the
+        fetch's wait to every record's, 20 ms at p99, and cost the broker five fetches
+        per window instead of one.
+
+        While the previous batch's transaction runs, the queue is polled in slices of
+        POLL_SLICE_S so that batch's offsets go to Kafka as soon as it is stored."""
         wanted, wait = self.settings.batch_max_messages, self.settings.batch_max_wait_s
-        if self._in_flight is None:
-            return self._consumer.consume(num_messages=wanted, timeout=wait)
         deadline = time.monotonic() + wait
-        messages: list[Any] = []
-        while len(messages) < wanted:
+        while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break
+                return []
             in_flight = self._in_flight is not None
-            generation = self._generation
-            got = self._consumer.consume(
-                num_messages=wanted - len(messages),
-                timeout=min(POLL_SLICE_S, remaining) if in_flight else remaining,
-            )
-            if generation != self._generation:
-                # A rebalance ran inside consume(): what earlier slices returned may
-                # belong to partitions given away, and the ones kept restart from the
-                # stored offsets anyway. This slice's messages follow the new assignment.
-                messages = []
-            messages += got
+            first = self._consumer.poll(min(POLL_SLICE_S, remaining) if in_flight else remaining)
             if self._in_flight is not None and self._in_flight.done():
                 self._finish_in_flight()
-        return messages
+            if first is None:
+                continue
+            generation = self._generation
+            rest = self._consumer.consume(num_messages=wanted - 1, timeout=CLUMP_S)
+            if generation != self._generation:
+                # A rebalance ran inside consume(): ``first`` may belong to a partition
+                # given away (the ones kept restart from the stored offsets anyway).
+                return rest
+            return [first, *rest]
 
     def _store(
         self, batch: Batch, rows: Tables | None, polled: float = 0.0
@@ -348,6 +365,7 @@ class ConsumerLoop:
             )
 
     def _close(self, code: int) -> None:
+        self._watch.stop()
         try:
             if self._in_flight is not None and not self._in_flight.done():
                 self._in_flight.exception()  # let the transaction finish, whatever it says
@@ -381,6 +399,7 @@ class ConsumerLoop:
         # never recovered). The next commit check reads them back and brings Kafka level.
         self._unverified = {tp: (offset, 0.0) for tp, offset in start.items() if offset >= 0}
         consumer.assign(partitions)
+        self._held = [(tp.topic, tp.partition) for tp in partitions]
         self.ready.set()
         log.info("%s: assigned %d partitions", self.group, len(partitions))
 
@@ -393,7 +412,7 @@ class ConsumerLoop:
             stored = tables.stored_positions(con, self.group)
         cluster_id, marks = offsets.read_positions(consumer, assigned)
         verdict = offsets.assess(self.group, assigned, stored, cluster_id, marks)
-        self._next_offsets_check = time.monotonic() + OFFSETS_CHECK_INTERVAL_S
+        self._next_offsets_check = math.inf
         if not verdict.ok:
             self.refused = "\n  ".join(verdict.refused)
             log.error("%s: stopping: stored offsets refused:\n  %s", self.group, self.refused)
@@ -427,7 +446,9 @@ class ConsumerLoop:
 
     def _due_offsets_check(self) -> bool:
         return self.ready.is_set() and (
-            time.monotonic() >= self._next_offsets_check or self.checkpoint.fenced > 0
+            self._watch.suspect.is_set()
+            or time.monotonic() >= self._next_offsets_check
+            or self.checkpoint.fenced > 0
         )
 
     def _recheck_offsets(self) -> None:
@@ -435,6 +456,7 @@ class ConsumerLoop:
         under a running group: no rebalance need follow)."""
         self._finish_in_flight()
         self.checkpoint.fenced = 0
+        self._watch.suspect.clear()
         held = [(tp.topic, tp.partition) for tp in self._consumer.assignment()]
         try:
             self._check_offsets(self._consumer, held)
@@ -454,6 +476,7 @@ class ConsumerLoop:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._generation += 1
+        self._held = []
         # The batch in flight is stored before the partitions go to another member.
         self._finish_in_flight()
         # Never re-commit a partition another member now owns.

@@ -55,6 +55,10 @@ class StoreBase(ABC):
     def ensure_schema(self) -> None:  # noqa: B027 — the owner migrates; clients may not
         """Create or migrate the tables if this side may (a no-op otherwise)."""
 
+    def lean_writer(self) -> None:  # noqa: B027 — only the owner's cursors can be lean
+        """Make the calling thread's cursor a lean writer: statements skip DuckDB's
+        optimizer (see StoreOwner.lean_writer). A no-op for a client."""
+
     def write(self, work: Callable[[Any], T]) -> T:
         """Run ``work(cursor)`` in a transaction; retry it when a concurrent writer
         conflicted on the same rows (the other side committed first)."""

@@ -8,7 +8,9 @@ the hot path.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -179,8 +181,13 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -
             ("trace_id", pa.string()),
         ]
     )
-    horizons_jobs = pa.table({n: columns[n] for n in _JOB_COLUMNS}, schema)  # noqa: F841
-    # Found by name by DuckDB (a replacement scan).
+    with optimized(con):  # without it, the conflict's join costs 4× the statement
+        _upsert_jobs(con, pa.table({n: columns[n] for n in _JOB_COLUMNS}, schema))
+    return len(columns["job_id"])
+
+
+def _upsert_jobs(con: duckdb.DuckDBPyConnection, horizons_jobs: pa.Table) -> None:
+    # ``horizons_jobs`` is found by name by DuckDB (a replacement scan).
     # State only moves forward: the status (and the event that set it) changes only for
     # a state further along; every other column is set once — the first value stored
     # wins, so a replayed or late event fills gaps but never rewrites. Durations are
@@ -213,7 +220,6 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -
             stored_rank=_RANK_SQL.format(col="jobs.status"),
         )
     )
-    return len(columns["job_id"])
 
 
 def save_offsets(
@@ -307,8 +313,39 @@ def stored_positions(
     return {(t, p): (o, c) for t, p, o, c in rows}
 
 
+# The lean writer cursor of the calling thread, if it has one (see make_lean).
+_lean = threading.local()
+
+
+def make_lean(con: duckdb.DuckDBPyConnection) -> None:
+    """``con`` (the calling thread's own cursor) runs its statements without DuckDB's
+    optimizer: see StoreOwner.lean_writer for why."""
+    con.execute("PRAGMA disable_optimizer")
+    _lean.cursor_id = id(con)
+
+
+@contextmanager
+def optimized(con: Any) -> Iterator[None]:
+    """DuckDB's optimizer on for the block, on a lean writer's cursor too: a point
+    lookup needs it to use the index, ``max()`` to read the statistics instead of the
+    whole column."""
+    if getattr(_lean, "cursor_id", None) != id(con):
+        yield
+        return
+    con.execute("PRAGMA enable_optimizer")
+    try:
+        yield
+    finally:
+        con.execute("PRAGMA disable_optimizer")
+
+
 def audit_tail(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
     """The last (seq, hash) of the chain, including records removed by retention."""
+    with optimized(con):
+        return _audit_tail(con)
+
+
+def _audit_tail(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:
     # fetchall, not fetchone: duckdb 2.0 keeps a half-read result open, and the next
     # register() on this connection then fails with ResourceInUseException.
     # max(seq) reads one narrow column; the hash then comes from a primary-key lookup

@@ -144,6 +144,49 @@ def test_a_replaced_cluster_stops_the_group_loudly_until_its_offsets_are_reset(
         stop_consumer(proc, log)
 
 
+def test_offsets_moved_past_the_cluster_under_an_idle_group_are_caught_by_the_watch(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The periodic check runs off the loop's thread (kafka/offsets_watch.py): with no
+    batch, rebalance or outage to trigger the loop's own check, the watch must notice
+    stored offsets the cluster cannot have (a restored backup, a hand edit) and the
+    group must stop loudly, as on an assignment."""
+    store = Store(settings)
+    store.ensure_schema()
+    log = tmp_path / "consume.log"
+    proc = start_consumer(settings, log, services=[AUDITOR], offsets_check_interval_s=1)
+    try:
+        first = run_jobs(settings, "watched", 3)
+        wait_until(lambda: _audited(store, "watched") == (first, first), 60, what="first jobs")
+        # Idle: the last signed head is recorded and nothing has arrived for 3 s, so no
+        # batch's fencing can be what notices the edit below.
+        wait_until(
+            lambda: store.scalar(
+                "SELECT now() - max(recorded_at) > INTERVAL 3 SECOND FROM audit_log"
+            ),
+            60,
+            what="the auditor idle",
+        )
+        edited = horizons(
+            settings,
+            "query",
+            "--write",
+            "UPDATE consumer_offsets SET next_offset = next_offset + 1000",
+        )
+        assert edited.returncode == 0, edited.stderr
+
+        code = proc.wait(60)
+        output = log.read_text()
+        print(output[-3000:])
+        assert code == EXIT_OFFSETS, output[-3000:]
+        assert "stored offsets look off" in output  # the watch, not a batch, noticed
+        assert "above the partition's high watermark" in output
+        assert "horizons offsets reset --group compliance-auditor --to earliest" in output
+        assert "fenced" not in output
+    finally:
+        stop_consumer(proc, log)
+
+
 def test_a_producer_that_outlived_its_cluster_makes_no_fresh_producer_lose_a_message(
     private_broker: tuple[EmbeddedBroker, Settings],
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreUnavailable
 from horizons_platform.store.client import Store
+from horizons_platform.store.owner import StoreOwner
 from horizons_platform.store.schema import MIGRATIONS, SchemaTooNew, migrate
 
 HOLD = """
@@ -207,3 +209,36 @@ def test_folding_one_batch_keeps_the_furthest_state() -> None:
 
 def _columns(rows: list[dict[str, object]]) -> dict[str, list[object]]:
     return {name: [r[name] for r in rows] for name in rows[0]}
+
+
+def _filter_pushed_into_scan(con: duckdb.DuckDBPyConnection) -> bool:
+    plan = con.execute(
+        "EXPLAIN SELECT next_offset FROM consumer_offsets WHERE consumer_group = 'g'"
+    ).fetchall()[0][1]
+    return "FILTER" not in plan
+
+
+def test_a_lean_writer_skips_the_optimizer_except_where_a_read_needs_it(tmp_path: Path) -> None:
+    owner = StoreOwner(Settings(var_dir=tmp_path), serve=False)
+    owner.open()
+    try:
+
+        def writer() -> tuple[bool, bool, tuple[int, str | None], bool]:
+            before = _filter_pushed_into_scan(owner.cursor())
+            owner.lean_writer()
+            con = owner.cursor()
+            lean = not _filter_pushed_into_scan(con)
+            with tables.optimized(con):
+                inside = _filter_pushed_into_scan(con)
+            tail = tables.audit_tail(con)
+            return before and lean, inside, tail, not _filter_pushed_into_scan(con)
+
+        with ThreadPoolExecutor(1) as pool:
+            lean, inside, tail, still_lean = pool.submit(writer).result()
+        assert lean  # the writer's own cursor lost the optimizer...
+        assert inside  # ...except inside optimized()...
+        assert tail == (0, None)
+        assert still_lean  # ...and is lean again after it
+        assert _filter_pushed_into_scan(owner.cursor())  # other threads' cursors untouched
+    finally:
+        owner.close()
