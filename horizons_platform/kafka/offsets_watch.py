@@ -61,9 +61,11 @@ class OffsetsWatch:
         return self
 
     def stop(self) -> None:
+        """Ends the watch. A request in flight to a broker that is gone is not waited
+        out (a stopping group must not wait on it): the thread ends after its timeout."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(REQUEST_TIMEOUT_S + 1)
+            self._thread.join(1.0)
 
     def _run(self) -> None:
         admin = AdminClient(self._settings.kafka_config())
