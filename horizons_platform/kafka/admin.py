@@ -131,6 +131,20 @@ def end_offsets(
     return {(tp.topic, tp.partition): f.result(timeout).offset for tp, f in futures.items()}
 
 
+def list_watermarks(
+    admin: AdminClient, partitions: list[tuple[str, int]], timeout: float = 10.0
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """(low, high) of every partition, in one batched ListOffsets request per side
+    (:func:`watermarks` asks a consumer, one partition at a time)."""
+    found: dict[tuple[str, int], list[int]] = {tp: [0, 0] for tp in partitions}
+    for side, spec in ((0, OffsetSpec.earliest()), (1, OffsetSpec.latest())):
+        request = {TopicPartition(t, p): spec for t, p in partitions}
+        futures = admin.list_offsets(request, request_timeout=timeout)
+        for tp, future in futures.items():
+            found[(tp.topic, tp.partition)][side] = future.result(timeout).offset
+    return {tp: (low, high) for tp, (low, high) in found.items()}
+
+
 def short_of_replicas(metadata: ClusterMetadata, topics: list[str] | None = None) -> list[str]:
     """``topic[partition]`` (of ``topics``, default all) with fewer in-sync replicas than
     replicas, or no leader: a node is down or behind, and one more loss may stop writes."""

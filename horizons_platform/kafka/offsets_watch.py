@@ -22,10 +22,11 @@ import logging
 import threading
 from collections.abc import Callable
 
-from confluent_kafka import KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from horizons_platform.kafka import offsets
+from horizons_platform.kafka.admin import admin_client, list_watermarks
 from horizons_platform.kafka.offsets import TP
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
@@ -50,7 +51,6 @@ class OffsetsWatch:
         self.held = held  # the partitions the loop holds now (read, never changed here)
         self.interval_s = interval_s
         self.suspect = threading.Event()  # set: the loop should check its offsets now
-        self.checks = 0  # completed checks (tests wait on it)
         self._settings = settings
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -68,7 +68,7 @@ class OffsetsWatch:
             self._thread.join(1.0)
 
     def _run(self) -> None:
-        admin = AdminClient(self._settings.kafka_config())
+        admin = admin_client(self._settings)
         while not self._stop.wait(self.interval_s):
             try:
                 reason = self.check(admin)
@@ -80,7 +80,6 @@ class OffsetsWatch:
             except Exception:
                 log.exception("%s: offsets watch failed; the loop checks instead", self.group)
                 reason = "the watch itself failed"
-            self.checks += 1
             if reason:
                 log.warning(
                     "%s: stored offsets look off (%s); the loop checks them", self.group, reason
@@ -100,7 +99,7 @@ class OffsetsWatch:
         if not held:
             return None
         cluster_id = admin.list_topics(timeout=REQUEST_TIMEOUT_S).cluster_id
-        marks = watermarks(admin, held)
+        marks = list_watermarks(admin, held, REQUEST_TIMEOUT_S)
         verdict = offsets.assess(self.group, held, stored, cluster_id, marks)
         if not verdict.ok:
             return verdict.refused[0]
@@ -108,14 +107,3 @@ class OffsetsWatch:
             loss = verdict.lost[0]
             return f"{loss.topic}[{loss.partition}] stored {loss.stored} < low {loss.low}"
         return None
-
-
-def watermarks(admin: AdminClient, partitions: list[TP]) -> dict[TP, tuple[int, int]]:
-    """(low, high) of every partition, in two batched requests."""
-    found: dict[TP, list[int]] = {tp: [0, 0] for tp in partitions}
-    for index, spec in ((0, OffsetSpec.earliest()), (1, OffsetSpec.latest())):
-        request = {TopicPartition(t, p): spec for t, p in partitions}
-        futures = admin.list_offsets(request, request_timeout=REQUEST_TIMEOUT_S)
-        for tp, future in futures.items():
-            found[(tp.topic, tp.partition)][index] = future.result(REQUEST_TIMEOUT_S).offset
-    return {tp: (low, high) for tp, (low, high) in found.items()}
