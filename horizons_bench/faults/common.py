@@ -21,6 +21,7 @@ from horizons_bench.workload import Ledger, LedgerPublisher, produce_jobs
 from horizons_platform.kafka.producer import DeliveryError
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS
+from horizons_platform.waiting import wait_until
 
 # Faults take the broker away for a while: the bench's producer must outlast that, so a
 # message it counts as produced really is in Kafka (the consumers are under test here).
@@ -170,10 +171,21 @@ class FaultRun:
                 progress=self.ctx.progress,
                 label=f"{self.tag}: catching up",
             )
+            ends = self.probe.end_offsets()
+            # The ends are what the store is judged against, so the host must have read
+            # up to them: the platform's own events (an alert recovering, a signed head)
+            # can land after the caught-up sample and before the ends are read, and a
+            # host stopped at once then never stored them (CI: the auditor "6 short").
+            wait_until(
+                lambda: self._stored_up_to(ends),
+                timeout,
+                what=f"{self.tag}: every group up to the end offsets",
+                interval=0.25,
+            )
         except (HostExited, TimeoutError) as exc:
             # Still count what got stored: the verdict names what went wrong.
             self.unfinished = str(exc).splitlines()[0]
-        ends = self.probe.end_offsets()
+            ends = self.probe.end_offsets()
         if emails and self.unfinished is None:
             self._wait_for_emails(timeout)
         for h in self.hosts:
@@ -186,6 +198,15 @@ class FaultRun:
             self.groups,
             emails=(len({r.message_id for r in received}), len(received)) if emails else None,
         )
+
+    def _stored_up_to(self, ends: dict[tuple[str, int], int]) -> bool:
+        """Every group's committed offsets (Kafka's, committed after DuckDB's) reach
+        ``ends`` on each of its partitions."""
+        for group in self.groups:
+            committed = self.probe.committed(group)
+            if any(committed.get(tp, 0) < ends.get(tp, 0) for tp in self.probe.tps(group)):
+                return False
+        return True
 
     def _wait_for_emails(self, timeout: float) -> None:
         """Until every terminal event's e-mail arrived, or none came for longer than the
