@@ -32,6 +32,7 @@ from horizons_platform.runtime.sender import SmtpSender
 from horizons_platform.runtime.smtp import Claimed, Outcome, classify, render_message
 from horizons_platform.settings import Settings
 from horizons_platform.store.base import StoreBase
+from horizons_platform.store.tables import scan_once
 
 __all__ = ["Claimed", "OutboxDispatcher", "Outcome", "backoff", "classify", "render_message"]
 
@@ -222,20 +223,23 @@ class OutboxDispatcher:
         done = any(r["status"] != "pending" for r in rows)
 
         def work(con: Any) -> list[Claimed]:
-            # Found by DuckDB by their names in this frame (replacement scans).
-            outcome_rows = pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)  # noqa: F841
-            held_rows = pa.table({"notification_id": renew}, schema=HELD_SCHEMA)  # noqa: F841
+            # Found by DuckDB by their names in this frame (replacement scans), each
+            # statement reading a stream of its own (tables.scan_once).
+            outcomes = pa.Table.from_pylist(rows, schema=OUTCOME_SCHEMA)
+            held = pa.table({"notification_id": renew}, schema=HELD_SCHEMA)
             # Every join with ``notifications`` also matches the created_at the queue
             # keeps: DuckDB then skips the table's older segments by their min/max
             # instead of scanning all of it (schema.py, migration 7): a claim of 100
             # beside 2,000,000 stored took 524 ms on the id alone, ~20 ms so (kpis.md).
             if renew:  # still queued or being sent here: not stale, whatever the clock says
+                held_rows = scan_once(held)
                 con.execute(
                     """
                     UPDATE notification_queue SET claimed_at = now() FROM held_rows h
                     WHERE notification_queue.notification_id = h.notification_id
                     """
                 )
+                held_rows = scan_once(held)  # noqa: F841
                 con.execute(  # (what the stuck-claim health rule reads)
                     """
                     UPDATE notifications SET claimed_at = now()
@@ -246,6 +250,7 @@ class OutboxDispatcher:
                     """
                 )
             if rows:
+                outcome_rows = scan_once(outcomes)
                 con.execute(
                     """
                     UPDATE notifications SET status = o.status, sent_at = o.sent_at,
@@ -260,6 +265,7 @@ class OutboxDispatcher:
                     """
                 )
             if retry:
+                outcome_rows = scan_once(outcomes)
                 con.execute(
                     """
                     UPDATE notification_queue SET claimed_at = NULL,
@@ -270,6 +276,7 @@ class OutboxDispatcher:
                     """
                 )
             if done:
+                outcome_rows = scan_once(outcomes)  # noqa: F841
                 con.execute(
                     """
                     DELETE FROM notification_queue WHERE notification_id IN
@@ -278,7 +285,7 @@ class OutboxDispatcher:
                 )
             if not limit:
                 return []
-            due = con.execute(
+            due_rows = con.execute(
                 f"""
                 SELECT notification_id, created_at, claimed_at IS NOT NULL AS stale
                 FROM notification_queue
@@ -287,14 +294,16 @@ class OutboxDispatcher:
                 ORDER BY next_attempt_at LIMIT {int(limit)}
                 """
             ).to_arrow_table()
-            if due.num_rows == 0:
+            if due_rows.num_rows == 0:
                 return []
+            due = scan_once(due_rows)
             con.execute(
                 """
                 UPDATE notification_queue SET claimed_at = now()
                 FROM due WHERE notification_queue.notification_id = due.notification_id
                 """
             )
+            due = scan_once(due_rows)  # noqa: F841
             found = con.execute(
                 """
                 UPDATE notifications SET

@@ -422,12 +422,12 @@ class AuditHandler(Handler):
                 self._pending = (seqs[-1], columns["hash"][-1])
             else:
                 self._pending = self._expected = chain_columns(columns, last_seq, last_hash)
-            # Found by name by DuckDB (a replacement scan: no register/unregister).
             data = {f.name: columns[f.name] for f in _AUDIT_SCHEMA}
             # Arrow takes the microseconds as they are; from datetimes it converts again.
             data["recorded_at"] = columns["recorded_us"]
             data["occurred_at"] = columns["occurred_us"]
-            horizons_audit = pa.table(data, _AUDIT_SCHEMA)  # noqa: F841
+            # Found by name by DuckDB (a replacement scan: no register/unregister).
+            horizons_audit = tables.scan_once(pa.table(data, _AUDIT_SCHEMA))  # noqa: F841
             con.execute(_INSERT_AUDIT)
             if self._head_due():
                 self._sign_head(con, *self._pending)

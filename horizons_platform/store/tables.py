@@ -77,6 +77,17 @@ def insert_columns(
     return _insert_arrow(con, table, arrow, dedupe)
 
 
+def scan_once(arrow: pa.Table) -> Any:
+    """``arrow`` as a bare Arrow C stream (a PyCapsule), for ONE statement to read by
+    its variable's name (a replacement scan).
+
+    Handed a pyarrow Table, DuckDB's Python client builds a ``pyarrow.dataset`` Scanner,
+    with the GIL held, for a projection pushdown these inserts never use: ~0.4 ms of
+    every small ``INSERT … SELECT`` (100 rows: 1.2 → 0.8 ms, DuckDB 1.5.5). A capsule is
+    read as it is. It can be read once: each statement needs its own."""
+    return arrow.__arrow_c_stream__()
+
+
 def is_duplicate_key(exc: BaseException) -> bool:
     return isinstance(exc, duckdb.ConstraintException) and "Duplicate key" in str(exc)
 
@@ -86,9 +97,9 @@ def _insert_arrow(
 ) -> int:
     conflict = " ON CONFLICT DO NOTHING" if dedupe and TABLE_KEYS.get(table) else ""
     cols = ", ".join(_q(c) for c in arrow.column_names)
-    # DuckDB finds the local Arrow table by its name (a replacement scan): ~0.5 ms less
+    # DuckDB finds the local Arrow stream by its name (a replacement scan): ~0.5 ms less
     # per statement than register()/unregister(), which matters at 50-row batches.
-    horizons_rows = arrow  # noqa: F841
+    horizons_rows = scan_once(arrow)  # noqa: F841
     con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM horizons_rows{conflict}")
     return arrow.num_rows
 
@@ -182,12 +193,12 @@ def upsert_jobs(con: duckdb.DuckDBPyConnection, columns: dict[str, list[Any]]) -
         ]
     )
     with optimized(con):  # without it, the conflict's join costs 4× the statement
-        _upsert_jobs(con, pa.table({n: columns[n] for n in _JOB_COLUMNS}, schema))
+        _upsert_jobs(con, scan_once(pa.table({n: columns[n] for n in _JOB_COLUMNS}, schema)))
     return len(columns["job_id"])
 
 
-def _upsert_jobs(con: duckdb.DuckDBPyConnection, horizons_jobs: pa.Table) -> None:
-    # ``horizons_jobs`` is found by name by DuckDB (a replacement scan).
+def _upsert_jobs(con: duckdb.DuckDBPyConnection, horizons_jobs: Any) -> None:
+    # ``horizons_jobs`` (see scan_once) is found by name by DuckDB (a replacement scan).
     # State only moves forward: the status (and the event that set it) changes only for
     # a state further along; every other column is set once — the first value stored
     # wins, so a replayed or late event fills gaps but never rewrites. Durations are
@@ -232,8 +243,7 @@ def save_offsets(
     if not next_offsets:
         return
     now = datetime.now(UTC)
-    # Found by name by DuckDB (a replacement scan).
-    _horizons_offsets = pa.Table.from_pylist(
+    offsets = pa.Table.from_pylist(
         [
             {
                 "consumer_group": group,
@@ -256,6 +266,7 @@ def save_offsets(
             ]
         ),
     )
+    _horizons_offsets = scan_once(offsets)  # found by name (see scan_once)
     con.execute(
         """
         INSERT INTO consumer_offsets
