@@ -29,8 +29,22 @@ def _span_id() -> int:
     return random.getrandbits(64) or 1
 
 
+# What ``trace.get_tracer_provider()`` is while no SDK is configured in this process.
+_API_ONLY = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+
 def event_traceparent(name: str, trace_id: int) -> str:
     """A span for one event of the trace ``trace_id``; its ``traceparent``."""
+    if isinstance(trace.get_tracer_provider(), _API_ONLY):
+        # No SDK: the API's span would record nothing and carry the parent's ids, so the
+        # context is written here as _otel_traceparent() would write it. Its calls were
+        # 26 µs of the orchestrator's ~60 per event (cProfile, no Kafka).
+        return f"00-{trace_id:032x}-{_span_id():016x}-01"
+    return _otel_traceparent(name, trace_id)
+
+
+def _otel_traceparent(name: str, trace_id: int) -> str:
+    """The span through OpenTelemetry (recorded and exported by a configured SDK)."""
     parent = SpanContext(
         trace_id, _span_id(), is_remote=True, trace_flags=TraceFlags(TraceFlags.SAMPLED)
     )
