@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -34,8 +35,36 @@ def _rows(cursor: Any, limit: int | None) -> Iterator[tuple]:
                 return
 
 
+_BLOB_PLAIN = frozenset(range(32, 127)) - {0x22, 0x27, 0x5C}
+
+
+def blob_text(value: bytes | bytearray | memoryview) -> str:
+    """A BLOB as DuckDB prints one (``blob::VARCHAR``): printable ASCII as is; quotes,
+    the backslash and every other byte as ``\\xHH``."""
+    return "".join(chr(b) if b in _BLOB_PLAIN else f"\\x{b:02X}" for b in bytes(value))
+
+
+def _plain(value: Any) -> Any:
+    """A value as text or JSON can carry it: BLOBs as DuckDB's text, non-finite floats
+    (which JSON has no word for) as null."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return blob_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 def _text(value: Any) -> str:
-    return "" if value is None else str(value)
+    if value is None:
+        return ""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return blob_text(value)
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    """A table cell: on one line, whatever the value holds."""
+    return _text(value).replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
 
 
 def write_result(cursor: Any, fmt: str, limit: int | None, out: TextIO) -> Shown:
@@ -52,7 +81,7 @@ def write_result(cursor: Any, fmt: str, limit: int | None, out: TextIO) -> Shown
             if limit and n == limit:
                 truncated = True
                 break
-            writer.writerow(["" if v is None else v for v in row])
+            writer.writerow([_text(v) for v in row])
             n += 1
     elif fmt == "json":
         out.write("[")
@@ -61,14 +90,15 @@ def write_result(cursor: Any, fmt: str, limit: int | None, out: TextIO) -> Shown
                 truncated = True
                 break
             out.write(",\n" if n else "\n")
-            out.write(json.dumps(dict(zip(columns, row, strict=True)), default=str))
+            record = {c: _plain(v) for c, v in zip(columns, row, strict=True)}
+            out.write(json.dumps(record, default=str, allow_nan=False))
             n += 1
         out.write("\n]\n" if n else "]\n")
     else:
         # Widths come from the first batch; later rows are cut to them.
         head: list[list[str]] = []
         for row in rows:
-            head.append([_text(v) for v in row])
+            head.append([_cell(v) for v in row])
             if len(head) >= min(BATCH, limit or BATCH) + 1:
                 break
         if limit and len(head) > limit:
@@ -90,7 +120,7 @@ def write_result(cursor: Any, fmt: str, limit: int | None, out: TextIO) -> Shown
                 if limit and n == limit:
                     truncated = True
                     break
-                out.write(line([_text(v) for v in row]).rstrip() + "\n")
+                out.write(line([_cell(v) for v in row]).rstrip() + "\n")
                 n += 1
     out.flush()
     return Shown(n, truncated, limit)

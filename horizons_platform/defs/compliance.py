@@ -39,7 +39,8 @@ REPORT_FIELDS = ("total_events", "jobs_covered", "retention_status", "retention_
     description="The audit trail verifies: the SHA-256 hash chain (incrementally, from the "
     "last verified record), every Ed25519-signed head and retention checkpoint, every "
     "signed head still matching its row, and the newest head published on audit-trail "
-    "held by the store.",
+    "held by the store. Rows verified before are not recomputed here: the daily "
+    "compliance report (and `horizons verify-audit`) recompute every record.",
 )
 def audit_chain_verifies(duckdb: DuckDBStore, settings: HorizonsSettings) -> dg.AssetCheckResult:
     chain = check_trail(duckdb.get(), settings.get())

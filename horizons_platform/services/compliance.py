@@ -232,11 +232,13 @@ def save_report(con: duckdb.DuckDBPyConnection, report: dict[str, Any]) -> None:
 
 
 def generate_report(store: StoreBase) -> dict[str, Any]:
-    """Verify the trail (incrementally, with Kafka as the witness), build the report from
-    one read-only snapshot, then save it in a short transaction."""
+    """Verify the whole trail (with Kafka as the witness), build the report from one
+    read-only snapshot, then save it in a short transaction. The report's
+    ``chain_verified`` is what an auditor reads: every record is recomputed, not only
+    those since the last verification (an old row edited in place would pass that)."""
     from horizons_platform.services.audit_check import check_trail
 
-    chain = check_trail(store, store.settings)
+    chain = check_trail(store, store.settings, full=True)
     with store.snapshot() as con:
         report = build_report(con, store.settings, chain=chain)
     store.write(lambda con: save_report(con, report))

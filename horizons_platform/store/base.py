@@ -27,6 +27,18 @@ CONFLICT_RETRIES = 8
 SLOW_TRANSACTION_S = 0.5  # logged: the groups' commits should take milliseconds
 
 
+def connect(database: str = ":memory:", *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Every DuckDB connection of the platform: nothing is ever downloaded (quack and
+    httpfs load from their wheels, store/extensions.py), and timestamps read the same —
+    in UTC — whichever process runs the query and whatever its TZ (a day bucket from a
+    client that opened the file itself must equal the one the owner serves)."""
+    con = duckdb.connect(
+        database, read_only=read_only, config={"autoinstall_known_extensions": False}
+    )
+    con.execute("SET GLOBAL TimeZone = 'UTC'")
+    return con
+
+
 class StoreUnavailable(RuntimeError):
     """Neither a live owner nor the DuckDB file could be reached in time."""
 

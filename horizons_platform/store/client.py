@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import threading
 import time
 import weakref
@@ -27,15 +28,16 @@ from typing import Any
 import duckdb
 
 from horizons_platform.settings import Settings
-from horizons_platform.store.base import StoreBase, StoreUnavailable, in_transaction
+from horizons_platform.store.base import StoreBase, StoreUnavailable, connect, in_transaction
 from horizons_platform.store.endpoint import CATALOG, OwnerInfo, read_owner
 from horizons_platform.store.extensions import load_extensions
-from horizons_platform.store.owner import local_owner, lock_holder
+from horizons_platform.store.owner import local_owner, lock_holder, process_name
 from horizons_platform.store.sql import inline, literal
 
 log = logging.getLogger(__name__)
 
 REMOTE_QUERY = f"SELECT * FROM quack_query_by_name('{CATALOG}', ?)"
+_CLIENTS_QUERY = "SELECT * FROM quack_active_connections()"
 INSERT_CHUNK_ROWS = 500
 # One file-mode connection at a time per process: DuckDB refuses a read-only and a
 # read-write connection to one file side by side in a process. (Only without an owner.)
@@ -61,6 +63,21 @@ def _disconnected(exc: BaseException) -> bool:
     )
 
 
+_WRAPPER_CARET = re.compile(r"\n+LINE 1: " + re.escape(REMOTE_QUERY) + r"\n\s*\^\s*$", re.MULTILINE)
+
+
+def _unwrapped(exc: duckdb.Error) -> duckdb.Error:
+    """The owner's error as the user's statement caused it: Quack 1.5.5 reports every
+    remote failure as an Invalid Input Error of the wrapping ``quack_query_by_name`` call,
+    with a second caret under that call (the first, under the user's SQL, stays)."""
+    text = str(exc)
+    cleaned = _WRAPPER_CARET.sub("", text)
+    if cleaned == text:
+        return exc
+    cleaned = cleaned.removeprefix("Invalid Input Error: ")
+    return type(exc)(cleaned)
+
+
 class _Session:
     """A local in-memory DuckDB with the owner's database attached: one Quack session."""
 
@@ -72,7 +89,7 @@ class _Session:
                 "the store's owner is this process and it is not open; use it once it is"
             )
         self.info = info
-        self.con = duckdb.connect()
+        self.con = connect()
         _OPEN_SESSIONS.add(self)
         try:
             load_extensions(self.con)
@@ -136,7 +153,10 @@ class RemoteCursor:
         return self
 
     def _execute(self, text: str, word: str) -> None:
-        self._session.con.execute(REMOTE_QUERY, [text])
+        try:
+            self._session.con.execute(REMOTE_QUERY, [text])
+        except duckdb.Error as exc:
+            raise _unwrapped(exc) from exc
         # The owner keeps this session's transaction between calls; track it so a lost
         # connection inside one is never silently retried.
         if word in ("BEGIN", "START"):
@@ -206,14 +226,14 @@ class Store(StoreBase):
                     "(`horizons consume`) or set HORIZONS_DUCKDB_PATH"
                 )
             try:
-                return duckdb.connect(str(self.path), read_only=read_only)
+                return connect(str(self.path), read_only=read_only)
             except duckdb.IOException as exc:
                 holder = lock_holder(exc)
                 if holder is None:
                     raise
                 if time.monotonic() > deadline:
                     raise StoreUnavailable(
-                        f"{self.path} is held by process {holder or '?'}, which does not "
+                        f"{self.path} is held by {process_name(holder)}, which does not "
                         f"serve it (no live owner in {self.settings.store_file}); waited "
                         f"{self.settings.store_connect_timeout_s:.0f}s "
                         "(HORIZONS_STORE_CONNECT_TIMEOUT_S)"
@@ -290,9 +310,11 @@ class Store(StoreBase):
         }
         if info is not None:
             with self.reader() as con:
-                result = con.execute("SELECT * FROM quack_active_connections()")
+                result = con.execute(_CLIENTS_QUERY)
                 columns = [d[0] for d in result.description]
                 status["clients"] = [
-                    dict(zip(columns, row, strict=True)) for row in result.fetchall()
+                    dict(zip(columns, row, strict=True))
+                    for row in result.fetchall()
+                    if row[columns.index("query")] != _CLIENTS_QUERY  # this very question
                 ]
         return status

@@ -28,7 +28,7 @@ import duckdb
 
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
-from horizons_platform.store.base import StoreBase, StoreUnavailable, in_transaction
+from horizons_platform.store.base import StoreBase, StoreUnavailable, connect, in_transaction
 from horizons_platform.store.endpoint import OwnerInfo, read_owner, remove_owner, write_owner
 from horizons_platform.store.extensions import load_extensions
 from horizons_platform.store.schema import migrate
@@ -52,6 +52,26 @@ def lock_holder(exc: BaseException) -> int | None:
         return None
     match = re.search(r"PID (\d+)", str(exc))
     return int(match.group(1)) if match else 0
+
+
+def process_name(pid: int | None) -> str:
+    """``pid 123 (horizons query …)``: which program holds the file, when it can be read."""
+    if not pid:
+        return "pid ?"
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return f"pid {pid}"
+    words = [a.decode(errors="replace") for a in argv if a]
+    # `python -m horizons_platform.cli query …` and `.venv/bin/horizons query …` alike
+    for i, word in enumerate(words):
+        if word.endswith(("horizons", "horizons_platform.cli")):
+            words = ["horizons", *words[i + 1 :]]
+            break
+    command = " ".join(" ".join(words).split())
+    if not command:
+        return f"pid {pid}"
+    return f"pid {pid} ({command[:60]}{'…' if len(command) > 60 else ''})"
 
 
 def free_port() -> int:
@@ -90,7 +110,7 @@ class StoreOwner(StoreBase):
         waiting_since: float | None = None
         while True:
             try:
-                con = duckdb.connect(str(self.path))
+                con = connect(str(self.path))
                 break
             except duckdb.IOException as exc:
                 holder = lock_holder(exc)
@@ -102,7 +122,7 @@ class StoreOwner(StoreBase):
                     who = (
                         f"pid {owner.pid} (serving on 127.0.0.1:{owner.port})"
                         if owner
-                        else f"pid {holder or '?'}"
+                        else process_name(holder)
                     )
                     message = (
                         f"standby: {self.path} is held by {who}; waiting to take over when it stops"

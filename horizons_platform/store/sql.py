@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from contextlib import suppress
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
@@ -116,9 +118,27 @@ def inline(sql: str, params: list[Any] | tuple[Any, ...] | None) -> str:
     return "".join(out)
 
 
+# EXPLAIN [ANALYZE] [(options)]: what it explains is checked too (EXPLAIN ANALYZE runs it).
+_EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+ANALY[SZ]E)?\s*(\([^)]*\))?", re.IGNORECASE)
+
+
+def statements(sql: str) -> list[duckdb.Statement]:
+    """The statements ``sql`` holds (raises ``duckdb.ParserException`` if it does not parse)."""
+    return duckdb.extract_statements(sql)
+
+
 def write_statements(sql: str) -> list[str]:
     """The kinds of the statements in ``sql`` that are not read-only (empty: read-only).
 
     Raises ``duckdb.ParserException`` for SQL that does not parse.
     """
-    return [s.type.name for s in duckdb.extract_statements(sql) if s.type not in READ_ONLY_KINDS]
+    kinds: list[str] = []
+    for statement in statements(sql):
+        if statement.type not in READ_ONLY_KINDS:
+            kinds.append(statement.type.name)
+        elif statement.type == duckdb.StatementType.EXPLAIN:
+            inner = _EXPLAIN.sub("", statement.query, count=1)
+            # A form not unwrapped here: the read-only transaction still holds.
+            with suppress(duckdb.ParserException):
+                kinds.extend(write_statements(inner) if inner.strip() else [])
+    return kinds

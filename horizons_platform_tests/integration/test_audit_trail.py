@@ -116,6 +116,21 @@ def test_the_untouched_trail_verifies_incrementally_and_through_the_cli(trail: S
     assert cli.returncode == 0 and "audit trail verified" in cli.stdout, cli.stdout + cli.stderr
 
 
+def test_an_old_row_edited_in_place_fails_verify_audit_and_the_report(
+    trail: Settings, tmp_path: Path
+) -> None:
+    settings, store = _copy(trail, tmp_path)
+    assert check_trail(store, settings).ok  # an incremental run: the trail is verified so far
+    _sql(store, "UPDATE audit_log SET job_id = 'TAMPERED' WHERE seq = 5")
+    quick = horizons(settings, "verify-audit", "--incremental")
+    assert quick.returncode == 0, quick.stdout + quick.stderr  # below its starting point
+    cli = horizons(settings, "verify-audit")  # every record, by default
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    assert "broken at seq 5" in cli.stdout, cli.stdout
+    report = generate_report(store)
+    assert report["chain_verified"] is False
+
+
 def test_deleting_the_newest_rows_is_a_cut_tail(trail: Settings, tmp_path: Path) -> None:
     settings, store = _copy(trail, tmp_path)
     last = store.scalar("SELECT max(seq) FROM audit_log")

@@ -133,6 +133,38 @@ def test_query_is_read_only_unless_write_is_given(
     assert Store(settings).scalar("SELECT count(*) FROM jobs") == 0
 
 
+def test_query_says_plainly_what_it_will_not_or_cannot_run(
+    settings: Settings, owner: tuple[subprocess.Popen[bytes], OwnerInfo]
+) -> None:
+    empty = horizons(settings, "query", "  -- only a comment\n")
+    assert empty.returncode == 2 and "no SQL statement" in empty.stderr, empty.stderr
+    two = horizons(settings, "query", "SELECT 1; SELECT 2")
+    assert two.returncode == 2 and "2 statements" in two.stderr, two.stderr
+    explained = horizons(settings, "query", "EXPLAIN ANALYZE DELETE FROM jobs")
+    assert explained.returncode == 2 and "DELETE" in explained.stderr, explained.stderr
+    # The owner's error, as the user's SQL caused it (not Quack's wrapping call).
+    missing = horizons(settings, "query", "SELECT * FROM no_such_table")
+    assert missing.returncode == 2 and "no_such_table" in missing.stderr, missing.stderr
+    assert "quack_query_by_name" not in missing.stderr and "Traceback" not in missing.stderr
+    # Timestamps read in UTC whatever the client's (or the owner's) TZ.
+    day = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "horizons_platform.cli",
+            "query",
+            "SELECT date_trunc('day', TIMESTAMPTZ '2024-01-01 03:00:00+00')::VARCHAR AS d",
+            "--format",
+            "csv",
+        ],
+        env={**subprocess_env(settings), "TZ": "America/New_York"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert day.stdout.splitlines() == ["d", "2024-01-01 00:00:00+00"], day.stdout + day.stderr
+
+
 def test_a_client_transaction_is_atomic_on_the_owner(
     settings: Settings, owner: tuple[subprocess.Popen[bytes], OwnerInfo]
 ) -> None:

@@ -7,6 +7,7 @@ import io
 import json
 
 import duckdb
+import pytest
 
 from horizons_platform.output import write_result
 
@@ -46,3 +47,23 @@ def test_an_explicit_limit_applies_to_every_format() -> None:
     out = io.StringIO()
     assert write_result(_cursor(0), "json", None, out).rows == 0
     assert json.loads(out.getvalue()) == []
+
+
+def test_blobs_read_as_duckdb_prints_them_and_json_has_no_nan() -> None:
+    sql = (
+        "SELECT from_hex('00ff4122275c') AS b, 'nan'::DOUBLE AS x, 'inf'::DOUBLE AS y, "
+        "1.5::DOUBLE AS z, 'two\nlines' AS t"
+    )
+    duckdb_text = duckdb.connect().execute("SELECT from_hex('00ff4122275c')::VARCHAR").fetchone()
+    assert duckdb_text is not None
+    out = io.StringIO()
+    write_result(duckdb.connect().execute(sql), "json", None, out)
+    [row] = json.loads(out.getvalue(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert row == {"b": duckdb_text[0], "x": None, "y": None, "z": 1.5, "t": "two\nlines"}
+    out = io.StringIO()
+    write_result(duckdb.connect().execute(sql), "csv", None, out)
+    assert list(csv.reader(io.StringIO(out.getvalue())))[1][0] == duckdb_text[0]
+    out = io.StringIO()
+    write_result(duckdb.connect().execute(sql), "table", None, out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and "two\\nlines" in lines[2]  # one row, one line

@@ -71,6 +71,12 @@ def test_a_parameter_count_mismatch_is_an_error() -> None:
         ("SELECT 1; DROP TABLE jobs", ["DROP"]),
         ("COPY jobs TO '/tmp/x.csv'", ["COPY"]),
         ("UPDATE jobs SET status = 'x'", ["UPDATE"]),
+        # EXPLAIN ANALYZE runs what it explains; plain EXPLAIN is refused alike.
+        ("EXPLAIN ANALYZE DELETE FROM jobs", ["DELETE"]),
+        ("explain analyse select 1", []),
+        ("EXPLAIN DELETE FROM jobs", ["DELETE"]),
+        ("EXPLAIN (FORMAT json) UPDATE jobs SET status = 'x'", ["UPDATE"]),
+        ("EXPLAIN (FORMAT json) SELECT 1", []),
     ],
 )
 def test_write_statements_are_named(sql: str, writes: list[str]) -> None:

@@ -152,7 +152,7 @@ def test_a_holder_that_does_not_serve_ends_in_a_clear_error(tmp_path: Path) -> N
     store = _store(tmp_path, store_connect_timeout_s=0.5)
     holder = _hold_lock(store.path, 5)
     try:
-        with pytest.raises(StoreUnavailable, match=rf"held by process {holder.pid}.*no live owner"):
+        with pytest.raises(StoreUnavailable, match=rf"held by pid {holder.pid} \(.*no live owner"):
             store.query("SELECT 1")
     finally:
         holder.kill()
@@ -163,6 +163,23 @@ def test_reading_a_missing_store_says_how_to_create_it(tmp_path: Path) -> None:
     store = Store(Settings(var_dir=tmp_path))
     with pytest.raises(FileNotFoundError, match="horizons consume"):
         store.query("SELECT 1")
+
+
+def test_a_client_on_the_file_reads_timestamps_in_utc_whatever_its_tz(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(Settings(var_dir=tmp_path))
+    store.ensure_schema()
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        day = store.scalar(
+            "SELECT date_trunc('day', TIMESTAMPTZ '2024-01-01 03:00:00+00')::VARCHAR"
+        )
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert day == "2024-01-01 00:00:00+00"
 
 
 def _job(status: str, at: datetime, **fields: object) -> dict[str, object]:
