@@ -6,6 +6,7 @@ DuckDB and no Kafka, only SMTP sessions.
 
 from __future__ import annotations
 
+import email.policy
 import logging
 import re
 import smtplib
@@ -26,13 +27,15 @@ _UNSAFE_7BIT = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _LONG_LINE = re.compile(r"[^\n]{990}")  # RFC 5322: lines of at most 998 octets
 
 
-def render_message(headers: dict[str, str], body: str) -> bytes:
+def render_message(headers: dict[str, str], body: str, *, utf8: bool = False) -> bytes:
     """The RFC 5322 bytes of a plain-text e-mail.
 
     All-ASCII messages (nearly all) are formatted directly: the email package's header
     registry and generator cost ~10x more, and with the outbox sending hundreds a second
     beside ingest that was a sixth of the host's Python time. Anything else (an encoded
-    subject, an internationalised address, a non-ASCII body) goes through ``EmailMessage``.
+    subject, an internationalised address, a non-ASCII body) goes through ``EmailMessage``;
+    with ``utf8`` (an internationalised address, sent with SMTPUTF8) its headers are
+    written as UTF-8 (RFC 6532), which an address cannot do without.
     """
     text = "".join(headers.values()) + body
     if text.isascii() and not _UNSAFE_7BIT.search(text) and not _LONG_LINE.search(body):
@@ -47,7 +50,8 @@ def render_message(headers: dict[str, str], body: str) -> bytes:
     for name, value in headers.items():
         msg[name] = value
     msg.set_content(body)
-    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    policy = email.policy.SMTPUTF8 if utf8 else msg.policy
+    return msg.as_bytes(policy=policy.clone(linesep="\r\n"))
 
 
 IDLE_CHECK_S = 30.0  # an idle session is NOOP-checked before use (servers drop them)
@@ -145,6 +149,16 @@ class SmtpSession:
         self._used_at = time.monotonic()
         return self._smtp
 
+    def reset(self) -> None:
+        """End the mail transaction a failed message may have left open (after its MAIL
+        FROM, say): the next message on this session must start from a clean state."""
+        if self._smtp is None:
+            return
+        try:
+            self._smtp.rset()
+        except (OSError, smtplib.SMTPException):
+            self.drop()
+
     def drop(self) -> None:
         if self._smtp is not None:
             try:
@@ -152,6 +166,11 @@ class SmtpSession:
             except (OSError, smtplib.SMTPException):
                 self._smtp.close()
             self._smtp = None
+
+
+def needs_smtputf8(*addresses: str) -> bool:
+    """An internationalised address (``用户@例子.广告``) travels only with SMTPUTF8."""
+    return not all(address.isascii() for address in addresses)
 
 
 def message_bytes(settings: Settings, n: Claimed) -> bytes:
@@ -163,7 +182,7 @@ def message_bytes(settings: Settings, n: Claimed) -> bytes:
         "Date": format_datetime(datetime.now(UTC)),
         "X-Horizons-Notification-Id": n.notification_id,
     }
-    return render_message(headers, n.body)
+    return render_message(headers, n.body, utf8=needs_smtputf8(settings.smtp_from, n.recipient))
 
 
 def deliver(settings: Settings, session: SmtpSession, n: Claimed) -> Outcome:
@@ -173,15 +192,28 @@ def deliver(settings: Settings, session: SmtpSession, n: Claimed) -> Outcome:
     except Exception as exc:  # e.g. a recipient stored before owners were validated
         log.warning("outbox: %s cannot be built: %s", n.notification_id, exc)
         return Outcome(n.notification_id, n.attempts, f"{type(exc).__name__}: {exc}", True)
+    options = ["SMTPUTF8"] if needs_smtputf8(settings.smtp_from, n.recipient) else []
     for attempt in (1, 2):
         try:
-            session.get().sendmail(settings.smtp_from, [n.recipient], msg)
+            session.get().sendmail(settings.smtp_from, [n.recipient], msg, mail_options=options)
             return Outcome(n.notification_id, n.attempts)
         except SmtpConfigError as exc:
             session.lost = True
             return Outcome(n.notification_id, n.attempts, str(exc))
+        except smtplib.SMTPNotSupportedError as exc:
+            session.reset()
+            reason = (
+                f"the SMTP server does not offer SMTPUTF8, which the internationalised "
+                f"address {n.recipient!r} needs ({exc})"
+            )
+            return Outcome(n.notification_id, n.attempts, reason[:1000], True)
         except Exception as exc:
             permanent, lost, reason = classify(exc)
+            if not lost:
+                # This message's failure (a refused or unencodable recipient, say) may
+                # leave its transaction open; the session's next message must not find
+                # it ("503 nested MAIL command" failed innocent messages for good).
+                session.reset()
             if lost:
                 session.drop()
                 session.lost = True

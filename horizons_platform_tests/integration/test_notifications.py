@@ -25,6 +25,7 @@ from horizons_platform.host import Host
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.kafka.records import Batch
 from horizons_platform.runtime.outbox import OutboxDispatcher
+from horizons_platform.runtime.smtp import Claimed, SmtpSession, deliver
 from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
@@ -336,3 +337,43 @@ def test_login_without_tls_is_refused_unless_allowed(tmp_path: Path) -> None:
     finally:
         owner.close()
         sink.stop()
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_an_internationalised_owner_never_fails_the_next_message_on_its_session(
+    tmp_path: Path, refused: bool
+) -> None:
+    """An address with non-ASCII characters passes validation; smtplib failed it inside
+    RCPT after MAIL FROM (no SMTPUTF8 asked for), and the session's next message met
+    "503 nested MAIL command", marked failed for good."""
+    international = {"user@bücher.de", "用户@例子.广告"}
+    sink = SmtpSink(
+        rcpt_policy=lambda a: "550 5.1.3 not here" if refused and a in international else None
+    ).start()
+    settings = Settings(var_dir=tmp_path, smtp_host="127.0.0.1", smtp_port=sink.port)
+    session = SmtpSession(settings)
+    owners = [
+        "good1@example.org",
+        "user@bücher.de",
+        "good2@example.org",
+        "用户@例子.广告",
+        "good3@example.org",
+    ]
+    try:
+        outcomes = {
+            owner: deliver(
+                settings,
+                session,
+                Claimed(f"n-{i}", owner, f"job {i} completed", "done", f"<n-{i}@test>", 1),
+            )
+            for i, owner in enumerate(owners)
+        }
+    finally:
+        session.drop()
+        sink.stop()
+    for owner in owners:
+        if refused and owner in international:
+            assert outcomes[owner].permanent and "550" in (outcomes[owner].error or "")
+        else:
+            assert outcomes[owner].error is None, outcomes[owner]
+    assert sink.recipients == [o for o in owners if not (refused and o in international)]
