@@ -60,9 +60,22 @@ JOB_STATUS_RANK = {"submitted": 0, "running": 1, "completed": 2, "failed": 2, "c
 
 
 class _Open(BaseModel):
-    """Base for every wire model: unknown fields survive a decode/encode round trip."""
+    """Base for every wire model: unknown fields survive a decode/encode round trip.
+    Numbers are finite: JSON has no NaN or Infinity, yet a parser admits them (and
+    ``1e400`` is Infinity), and one such duration poisons every rollup over it."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
+
+# What the store's BIGINT columns (and every reader's int64) hold: a larger number was
+# valid to one group and refused by another's insert (one verdict for every group).
+INT64_MAX = 2**63 - 1
+Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+# Instants a datetime can hold in UTC, a day inside either end: 9999-12-31T23:59-14:00
+# is in year 10000 in UTC, which DuckDB stores but Python reads back as text only.
+EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
+LATEST = datetime(9999, 12, 30, tzinfo=UTC)
 
 
 # --- payloads -------------------------------------------------------------------------
@@ -86,7 +99,7 @@ Owner = Annotated[str, AfterValidator(_owner_address)]
 class JobSubmittedPayload(_Open):
     owner: Owner
     job_type: str
-    priority: int = 0
+    priority: Int64 = 0
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -99,14 +112,14 @@ class JobStartedPayload(_Open):
 class JobCompletedPayload(_Open):
     owner: Owner
     job_type: str
-    output_bytes: int = Field(default=0, ge=0)
+    output_bytes: Count = 0
 
 
 class JobFailedPayload(_Open):
     owner: Owner
     job_type: str
     error: str
-    exit_code: int | None = None
+    exit_code: Int64 | None = None
 
 
 class JobCancelledPayload(_Open):
@@ -122,7 +135,7 @@ class JobMetricsPayload(_Open):
     duration_s: float = Field(ge=0)
     queue_time_s: float = Field(ge=0)
     cpu_hours: float = Field(default=0.0, ge=0)
-    bytes_processed: int = Field(default=0, ge=0)
+    bytes_processed: Count = 0
     peak_memory_mb: float = Field(default=0.0, ge=0)
 
 
@@ -147,7 +160,7 @@ class HealthRecoveredPayload(_Open):
 class ConsumerPayload(_Open):
     consumer_group: str
     host: str
-    pid: int
+    pid: Int64
     detail: str = ""
 
 
@@ -164,9 +177,9 @@ class Envelope(_Open):
     event_id: uuid.UUID
     event_type: str
     job_id: str | None = None
-    occurred_at: AwareDatetime
+    occurred_at: AwareDatetime = Field(ge=EARLIEST, le=LATEST)
     producer: str
-    schema_version: int = SCHEMA_VERSION
+    schema_version: int = Field(default=SCHEMA_VERSION, ge=0, le=2**31 - 1)  # an INTEGER
     trace_id: str | None = Field(default=None, pattern=TRACEPARENT_PATTERN)
 
 
@@ -291,8 +304,11 @@ def _as_dicts(node: Any) -> Any:
                 required=inner.get("type") != "default",
                 validation_alias=model_field.get("validation_alias"),
             )
-        extra = node.get("config", {}).get("extra_fields_behavior", "ignore")
-        return core_schema.typed_dict_schema(fields, extra_behavior=extra, ref=node.get("ref"))
+        config = node.get("config", {})
+        extra = config.get("extra_fields_behavior", "ignore")
+        return core_schema.typed_dict_schema(
+            fields, extra_behavior=extra, ref=node.get("ref"), config=config or None
+        )
     return {k: _as_dicts(v) for k, v in node.items()}
 
 

@@ -150,12 +150,12 @@ def link(prev_hash: str, row: dict[str, Any]) -> str:
         row["topic"],
         row["partition"],
         row["offset"],
-        _micros(row["recorded_at"]),
+        row["recorded_at_us"] if "recorded_at_us" in row else _micros(row["recorded_at"]),
         bool(row["valid"]),
         row.get("event_id"),
         row.get("job_id"),
         row.get("event_type"),
-        _micros(row.get("occurred_at")),
+        row["occurred_at_us"] if "occurred_at_us" in row else _micros(row.get("occurred_at")),
         row.get("validation_error"),
         row.get("raw"),
     )
@@ -487,13 +487,19 @@ class AuditHandler(Handler):
 def iter_rows(
     con: duckdb.DuckDBPyConnection, batch: int = 50_000, after_seq: int = 0
 ) -> Iterator[dict[str, Any]]:
+    # The hash takes the timestamps as microseconds: read as such, they need no datetime
+    # (which cannot hold every instant DuckDB can: a row's year-10000 occurred_at, UTC,
+    # came back as text and stopped every verification).
+    names = (*AUDIT_COLUMNS, "recorded_at_us", "occurred_at_us")
     columns = ", ".join(f'"{c}"' for c in AUDIT_COLUMNS)
     cur = con.execute(
-        f"SELECT {columns} FROM audit_log WHERE seq > ? ORDER BY seq", [int(after_seq)]
+        f"SELECT {columns}, epoch_us(recorded_at), epoch_us(occurred_at) "
+        "FROM audit_log WHERE seq > ? ORDER BY seq",
+        [int(after_seq)],
     )
     while chunk := cur.fetchmany(batch):
         for values in chunk:
-            yield dict(zip(AUDIT_COLUMNS, values, strict=True))
+            yield dict(zip(names, values, strict=True))
 
 
 def verify_store(con: duckdb.DuckDBPyConnection) -> ChainReport:

@@ -129,6 +129,12 @@ def test_unknown_fields_are_kept_at_every_level() -> None:
         (lambda d: d.pop("event_type"), "event_type", "invalid"),
         (lambda d: d.update(job_id=""), "job_id", "invalid"),
         (lambda d: d["payload"].update(output_bytes=-1), "payload.output_bytes", "invalid"),
+        # Instants, numbers and ints the store (or Python reading it back) cannot hold:
+        # refused here, by every group alike, not by one group's insert.
+        (lambda d: d.update(occurred_at="9999-12-31T23:59:59-14:00"), "occurred_at", "invalid"),
+        (lambda d: d.update(occurred_at="0001-01-01T00:00:00+14:00"), "occurred_at", "invalid"),
+        (lambda d: d.update(schema_version=10**30), "schema_version", "invalid"),
+        (lambda d: d["payload"].update(output_bytes=2**63), "payload.output_bytes", "invalid"),
     ],
 )
 def test_decode_error_names_the_field(mutate, field: str, kind: str) -> None:  # type: ignore[no-untyped-def]
@@ -163,3 +169,27 @@ def test_new_event_defaults_are_fresh_and_utc() -> None:
     b = ev.new_event(ev.AuditRecord, producer="t", payload={"action": "a", "actor": "me"})
     assert a.event_id != b.event_id and isinstance(a.event_id, uuid.UUID)
     assert a.occurred_at.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity", b"1e400"])
+def test_a_metric_is_a_finite_number(number: bytes) -> None:
+    data = json.loads(
+        ev.encode(
+            ev.new_event(
+                ev.JobMetrics,
+                producer="t",
+                job_id="j",
+                payload={
+                    "job_type": "img",
+                    "outcome": "completed",
+                    "duration_s": 1.0,
+                    "queue_time_s": 0.5,
+                },
+            )
+        )
+    )
+    raw = json.dumps(data).encode().replace(b'"duration_s": 1.0', b'"duration_s": ' + number)
+    assert number in raw
+    with pytest.raises(ev.EventDecodeError) as info:
+        ev.validate(raw)
+    assert info.value.field == "payload.duration_s"
