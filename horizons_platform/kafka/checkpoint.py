@@ -69,6 +69,8 @@ class Checkpoint:
     # The Kafka cluster the offsets belong to (set by the loop once it checked them).
     cluster_id: str | None = None
     fenced: int = 0  # records dropped as already stored (the loop then rechecks offsets)
+    # Dead letters already handed to send_dead_letters during this commit() (see _write).
+    _letters_sent: set[tuple[str, int, int]] = field(default_factory=set)
 
     @property
     def group(self) -> str:
@@ -90,10 +92,11 @@ class Checkpoint:
         next offsets to commit to Kafka. Only a store failure that is not about one record
         escapes (the batch is then not stored)."""
         self.counters.processed += len(batch)
+        self._letters_sent = set()
         if rows is None:
             rows = self.prepare(batch)
         if rows is None:
-            self._one_by_one(batch)
+            self._isolate(batch)
             return batch.next_offsets()
         letters = [self._invalid(batch, i) for i in sorted(batch.errors)]
         try:
@@ -102,15 +105,20 @@ class Checkpoint:
             if is_store_failure(exc):
                 raise
             # One record's rows broke the batch (a constraint, a value the store refuses):
-            # find it, one by one.
+            # find it.
             log.warning("%s: batch write failed (%r); isolating the record", self.group, exc)
-            self._one_by_one(batch)
+            self._isolate(batch)
         return batch.next_offsets()
 
     # --- the transaction -------------------------------------------------------------------
 
     def _write(self, batch: Batch, rows: Tables, letters: list[DeadLetter]) -> None:
-        self.send_dead_letters(letters)
+        # Each dead letter goes to the DLQ topic once per commit(), however many times
+        # isolating a bad record writes its part of the batch again (at-least-once only
+        # across a crash, not by design: 18,198 messages for 12,136 letters once).
+        unsent = [d for d in letters if (d.topic, d.partition, d.offset) not in self._letters_sent]
+        self.send_dead_letters(unsent)
+        self._letters_sent.update((d.topic, d.partition, d.offset) for d in unsent)
         spans = batch.spans()
         next_offsets = {tp: last + 1 for tp, (_, last) in spans.items()}
         extra = self.extra_rows()
@@ -183,43 +191,66 @@ class Checkpoint:
         self.counters.dead_letters += len(letters)
         self.handler.after_commit(rows)
 
-    def _one_by_one(self, batch: Batch) -> None:
-        for i in range(len(batch)):
-            one = batch.take([i])
-            letters = [self._invalid(one, 0)] if one.errors else []
+    def _isolate(self, batch: Batch) -> None:
+        """Store ``batch`` whose handling or writing failed, dead-lettering the records
+        that cannot be stored: halves that go through are written as they are, and only
+        a failing half is halved again, down to its one record. A bad record among n
+        costs ~2·log2(n) transactions, not n (3,000 garbage messages beside one record
+        the store refused once stalled two groups for minutes, one transaction each)."""
+        if len(batch) == 1:
+            self._one(batch)
+            return
+        mid = len(batch) // 2
+        for part in (batch.take(list(range(mid))), batch.take(list(range(mid, len(batch))))):
             try:
-                rows = self.handler.handle(one)
-            except Exception as exc:  # a handler bug: dead-letter this record, go on
-                self.counters.errors += 1
-                log.warning(
-                    "%s: handler error at %s[%d]@%d: %r",
-                    self.group,
-                    one.topics[0],
-                    one.partitions[0],
-                    one.offsets[0],
-                    exc,
-                    extra=_record_fields(one),
-                )
-                self._write(one, {}, [_letter(one, type(exc).__name__, str(exc) or repr(exc))])
+                rows = self.handler.handle(part)
+            except Exception:  # a handler bug in this half: look closer
+                self._isolate(part)
                 continue
+            letters = [self._invalid(part, i) for i in sorted(part.errors)]
             try:
-                self._write(one, rows, letters)
+                self._write(part, rows, letters)
             except Exception as exc:
                 if is_store_failure(exc):
                     raise
-                # The store refuses this record's rows: it is invalid after all. The
-                # handler sees it as such (the auditor still records it, flagged).
-                self.counters.errors += 1
-                reason = f"store rejected rows: {exc}"
-                one.events[0] = None
-                one.errors[0] = EventDecodeError(safe_text(reason), kind="rejected")
-                letter = _letter(one, type(exc).__name__, reason)
-                try:
-                    self._write(one, self.handler.handle(one), [letter])
-                except Exception as again:
-                    if is_store_failure(again):
-                        raise
-                    self._write(one, {}, [letter])
+                self._isolate(part)
+
+    def _one(self, one: Batch) -> None:
+        """One record: stored, or dead-lettered with the reason it cannot be."""
+        letters = [self._invalid(one, 0)] if one.errors else []
+        try:
+            rows = self.handler.handle(one)
+        except Exception as exc:  # a handler bug: dead-letter this record, go on
+            self.counters.errors += 1
+            log.warning(
+                "%s: handler error at %s[%d]@%d: %r",
+                self.group,
+                one.topics[0],
+                one.partitions[0],
+                one.offsets[0],
+                exc,
+                extra=_record_fields(one),
+            )
+            self._write(one, {}, [_letter(one, type(exc).__name__, str(exc) or repr(exc))])
+            return
+        try:
+            self._write(one, rows, letters)
+        except Exception as exc:
+            if is_store_failure(exc):
+                raise
+            # The store refuses this record's rows: it is invalid after all. The
+            # handler sees it as such (the auditor still records it, flagged).
+            self.counters.errors += 1
+            reason = f"store rejected rows: {exc}"
+            one.events[0] = None
+            one.errors[0] = EventDecodeError(safe_text(reason), kind="rejected")
+            letter = _letter(one, type(exc).__name__, reason)
+            try:
+                self._write(one, self.handler.handle(one), [letter])
+            except Exception as again:
+                if is_store_failure(again):
+                    raise
+                self._write(one, {}, [letter])
 
     # --- dead letters ----------------------------------------------------------------------
 

@@ -213,3 +213,29 @@ def test_verdicts_are_shared_by_message_bytes() -> None:
         verdicts.lookup(_event(job))
     again = verdicts.lookup(good)
     assert again is not first and again == first
+
+
+def test_one_refused_record_among_many_is_found_in_few_transactions(store: Store) -> None:
+    """A batch of garbage with one record the store refuses: halving finds it in ~2·log2(n)
+    transactions (one per record stalled two groups for minutes), every other record is
+    stored or dead-lettered, and each dead letter is sent once."""
+    values = [b"garbage %d" % i if i % 2 else _event(f"j{i}") for i in range(256)]
+    values[101] = _event("null")  # refused by the store
+    writes = 0
+    real_write = store.write
+
+    def counted(work: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal writes
+        writes += 1
+        return real_write(work, *args, **kwargs)
+
+    store.write = counted  # type: ignore[method-assign]
+    sent: list[DeadLetter] = []
+    cp = _checkpoint(Signals(store.settings), store, sent)
+    assert cp.commit(_batch(values)) == {(TOPIC, 0): 256}
+    assert writes <= 3 * 8, writes  # log2(256) = 8 halvings (one by one: 257+)
+    assert _stored_metrics(store) == [f"j{i}" for i in range(0, 256, 2)]
+    letters = store.query('SELECT "offset" FROM dead_letters ORDER BY 1')[1]
+    assert [o for (o,) in letters] == [*range(1, 101, 2), 101, *range(103, 256, 2)]
+    assert sorted(d.offset for d in sent) == [o for (o,) in letters]  # each sent once
+    assert cp.counters.take() == {"processed": 256, "errors": 1, "dead_letters": 128}
