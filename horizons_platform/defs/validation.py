@@ -193,11 +193,14 @@ def validate_lifecycle(
         context.log.info("scenario %s: all consumers after %.2fs", scenario, timings[scenario])
     if config.require_delivery:
         wait_until(
-            lambda: probe.count(
-                "SELECT count(*) FROM notifications WHERE job_id IN (?, ?, ?) AND status = 'sent'",
-                [done, failed, cancelled],
-            )
-            == 3,
+            lambda: (
+                probe.count(
+                    "SELECT count(*) FROM notifications "
+                    "WHERE job_id IN (?, ?, ?) AND status = 'sent'",
+                    [done, failed, cancelled],
+                )
+                == 3
+            ),
             config.delivery_timeout_s,
             "the three e-mails sent by the outbox",
             POLL_S / 4,

@@ -181,8 +181,21 @@ class Checkpoint:
                 if not tables.is_duplicate_key(exc):
                     raise
                 # An event stored before (re-published, replayed): the same batch again,
-                # skipping the keys that exist.
+                # skipping the keys that exist — except an id that came back with other
+                # content, which is no replay: that record is dead-lettered, not dropped.
                 self.handler.rollback()
+                with self.store.reader() as con, tables.optimized(con):
+                    reused = self.handler.reused_ids(con, batch)
+                if reused:
+                    for i, reason in reused.items():
+                        batch.events[i] = None
+                        batch.errors[i] = EventDecodeError(safe_text(reason), kind="reused")
+                    rows = self.handler.handle(batch)
+                    fresh = [self._invalid(batch, i) for i in sorted(reused)]
+                    self.send_dead_letters(fresh)
+                    self._letters_sent.update((d.topic, d.partition, d.offset) for d in fresh)
+                    letters = letters + fresh
+                    self.counters.errors += len(reused)
                 dedupe = True
                 self.store.write(work)
         except BaseException:

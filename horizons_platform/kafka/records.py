@@ -193,6 +193,13 @@ class Handler:
             else:
                 tables.insert_columns(con, table, columns, dedupe=dedupe)
 
+    def reused_ids(self, con: duckdb.DuckDBPyConnection, batch: Batch) -> dict[int, str]:
+        """Records whose event id came before with other content — earlier in ``batch``
+        or (in a handler's override) in its own tables — by index, with the reason: not
+        replays, which are no-ops, but another event under a used id, which the loop
+        dead-letters. Asked only when a write met a key already there."""
+        return reused_in_batch(batch)
+
     def rollback(self) -> None:
         """The transaction that :meth:`persist` ran in was rolled back (forget its state)."""
 
@@ -201,6 +208,34 @@ class Handler:
 
     def on_stop(self, store: StoreBase) -> None:
         """The loop stops (cleanly): a last write of the handler's own, if it has one."""
+
+
+# What makes an event the same event again: a replay repeats these; a producer reusing an
+# id for something else changes one (the envelope's own bookkeeping may differ).
+IDENTITY = ("event_type", "job_id", "occurred_at", "payload")
+
+
+def reused_in_batch(batch: Batch) -> dict[int, str]:
+    """Records of ``batch`` carrying an event id seen earlier in it with other content."""
+    first: dict[str, int] = {}
+    out: dict[int, str] = {}
+    for i, event in enumerate(batch.events):
+        if event is None:
+            continue
+        j = first.setdefault(event["event_id"], i)
+        earlier = batch.events[j]
+        if j != i and earlier is not None and any(event[k] != earlier[k] for k in IDENTITY):
+            out[i] = reused_reason(
+                event["event_id"], f"{batch.topics[j]}[{batch.partitions[j]}]@{batch.offsets[j]}"
+            )
+    return out
+
+
+def reused_reason(event_id: str, where: str) -> str:
+    return (
+        f"event_id {event_id} is already used by another event ({where}): an id names one "
+        "event, so this is not a replay; publish it with an id of its own"
+    )
 
 
 def now() -> datetime:

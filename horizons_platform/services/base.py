@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from horizons_platform.kafka.records import Batch, Columns
+from horizons_platform.kafka.records import Batch, Columns, reused_reason
 from horizons_platform.store import tables
+from horizons_platform.store.sql import literal
 from horizons_platform.tracing import trace_id_of
 
 
@@ -34,3 +35,27 @@ def job_event_columns(batch: Batch, indices: list[int], ingested_at: datetime) -
         "offset": [batch.offsets[i] for i in indices],
         "ingested_at": [ingested_at] * len(indices),
     }
+
+
+def stored_elsewhere(con: Any, batch: Batch, skip: dict[int, str]) -> dict[int, str]:
+    """Records of ``batch`` whose event id ``job_events`` holds for another event (one of
+    IDENTITY differs): the id was reused, not replayed."""
+    wanted: dict[str, list[int]] = {}
+    for i, valid in enumerate(batch.events):
+        if valid is not None and i not in skip:
+            wanted.setdefault(valid["event_id"], []).append(i)
+    if not wanted:
+        return {}
+    stored = con.execute(
+        "SELECT event_id, event_type, job_id, occurred_at, payload::VARCHAR, topic, "
+        '"partition", "offset" FROM job_events WHERE event_id IN '
+        f"({', '.join(literal(i) for i in wanted)})"
+    ).fetchall()
+    out: dict[int, str] = {}
+    for event_id, event_type, job_id, occurred_at, payload, topic, partition, offset in stored:
+        for i in wanted[event_id]:
+            e: Any = batch.events[i]
+            same = (e["event_type"], e["job_id"], e["occurred_at"], tables.to_json(e["payload"]))
+            if same != (event_type, job_id, occurred_at, payload):
+                out[i] = reused_reason(event_id, f"{topic}[{partition}]@{offset}")
+    return out

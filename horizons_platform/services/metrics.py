@@ -19,7 +19,7 @@ from horizons_platform.events import (
     EventDict,
 )
 from horizons_platform.kafka.records import Batch, Columns, Handler, Tables, now
-from horizons_platform.services.base import job_event_columns, rows_to_columns
+from horizons_platform.services.base import job_event_columns, rows_to_columns, stored_elsewhere
 from horizons_platform.store.tables import fold_job_updates
 from horizons_platform.tracing import trace_id_of
 
@@ -156,6 +156,10 @@ class MetricsHandler(Handler):
                     ),
                 )
         return out
+
+    def reused_ids(self, con: Any, batch: Batch) -> dict[int, str]:
+        out = super().reused_ids(con, batch)
+        return {**stored_elsewhere(con, batch, out), **out}
 
     def after_commit(self, rows: Tables) -> None:
         if time.monotonic() - self._last_clear > 10:

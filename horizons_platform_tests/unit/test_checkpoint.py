@@ -16,6 +16,7 @@ from horizons_platform.kafka.records import Batch, Handler, Tables, Verdicts, no
 from horizons_platform.services.audit import AuditHandler, verify_store
 from horizons_platform.services.base import rows_to_columns
 from horizons_platform.services.metrics import MetricsHandler
+from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.client import Store
@@ -200,6 +201,51 @@ def test_a_republished_event_is_a_no_op_not_a_dead_letter(store: Store) -> None:
     assert sent == [] and store.scalar("SELECT count(*) FROM dead_letters") == 0
     with store.reader() as con:
         assert tables.stored_offsets(con, "metrics") == {(TOPIC, 0): 3}
+
+
+def _completed(job: str, event_id: str, owner: str = "unit@observatory.example") -> bytes:
+    return ev.encode(
+        ev.new_event(
+            ev.JobCompleted,
+            producer="unit",
+            event_id=event_id,
+            job_id=job,
+            payload={"owner": owner, "job_type": "imaging"},
+        )
+    )
+
+
+@pytest.mark.parametrize("handler", [MetricsHandler, NotificationHandler])
+def test_an_event_id_reused_for_another_event_is_dead_lettered_not_dropped(
+    store: Store, handler: type[Handler]
+) -> None:
+    used, other = "5d0c9c8e-8f7e-4c1b-9a39-3f4c2b1a0e11", "0b8f6a52-3c6e-4c61-8e0b-7a8f9d2c4e55"
+    sent: list[DeadLetter] = []
+    cp = _checkpoint(handler(store.settings), store, sent)
+    original = _completed("job-a", used)
+    cp.commit(_batch([original]))
+    # The same event again (a replay) is a no-op; another event under its id, in a later
+    # batch or twice in one, is dead-lettered; the batch's other events are stored.
+    cp.commit(
+        _batch(
+            [
+                original,
+                _completed("job-b", used),
+                _completed("job-c", other),
+                _completed("job-d", other, owner="someone@else.example"),
+            ],
+            first_offset=1,
+        )
+    )
+    key = "job_events" if handler is MetricsHandler else "notifications"
+    assert store.query(f"SELECT job_id FROM {key} ORDER BY job_id")[1] == [("job-a",), ("job-c",)]
+    letters = store.query('SELECT "offset", error_class, error_message FROM dead_letters')[1]
+    reused = "EventDecodeError.reused"
+    assert [(o, c) for o, c, _ in letters] == [(2, reused), (4, reused)]
+    assert all("already used by another event" in m for _, _, m in letters)
+    assert sorted(d.offset for d in sent) == [2, 4]
+    with store.reader() as con:
+        assert tables.stored_offsets(con, handler.group) == {(TOPIC, 0): 5}
 
 
 def test_verdicts_are_shared_by_message_bytes() -> None:
