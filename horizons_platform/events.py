@@ -72,10 +72,10 @@ class _Open(BaseModel):
 INT64_MAX = 2**63 - 1
 Int64 = Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
 Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
-# Instants a datetime can hold in UTC, a day inside either end: 9999-12-31T23:59-14:00
-# is in year 10000 in UTC, which DuckDB stores but Python reads back as text only.
-EARLIEST = datetime(1, 1, 2, tzinfo=UTC)
-LATEST = datetime(9999, 12, 30, tzinfo=UTC)
+# Instants a datetime can hold in UTC: 9999-12-31T23:59-14:00 is in year 10000 in UTC,
+# which DuckDB stores but Python reads back only as text. (Compared as instants.)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
+LATEST = datetime.max.replace(tzinfo=UTC)
 
 
 # --- payloads -------------------------------------------------------------------------

@@ -82,6 +82,16 @@ def _micros(ts: datetime | None) -> int | None:
     return None if ts is None else (ts - _EPOCH) // _MICROSECOND
 
 
+def _row_micros(row: dict[str, Any], name: str) -> int | None:
+    """A stored row's timestamp as microseconds. DuckDB hands back an instant a Python
+    datetime cannot hold as text: then its own reading (``<name>_us``, iter_rows) is
+    used."""
+    value = row.get(name)
+    if value is None or isinstance(value, datetime):
+        return _micros(value)
+    return int(row[f"{name}_us"])
+
+
 def _canonical_payload(payload: Any) -> Any:
     if payload is None:
         return None
@@ -150,12 +160,12 @@ def link(prev_hash: str, row: dict[str, Any]) -> str:
         row["topic"],
         row["partition"],
         row["offset"],
-        row["recorded_at_us"] if "recorded_at_us" in row else _micros(row["recorded_at"]),
+        _row_micros(row, "recorded_at"),
         bool(row["valid"]),
         row.get("event_id"),
         row.get("job_id"),
         row.get("event_type"),
-        row["occurred_at_us"] if "occurred_at_us" in row else _micros(row.get("occurred_at")),
+        _row_micros(row, "occurred_at"),
         row.get("validation_error"),
         row.get("raw"),
     )
