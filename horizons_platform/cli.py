@@ -232,10 +232,13 @@ def cmd_store(args: argparse.Namespace) -> int:
     store = Store(settings)
     status = store.status()
     for key, value in status.items():
-        if key != "clients":
+        if key not in ("clients", "problem"):
             print(f"{key.ljust(12)}  {value}")
     if status["owner_pid"] is None:
         print("the store has no owner: start `horizons consume` (or `horizons up`)")
+        return 1
+    if status.get("problem"):
+        print(f"problem       {status['problem']}")
         return 1
     clients = status["clients"]
     print(f"clients       {len(clients)} connected besides this command")

@@ -29,7 +29,13 @@ import duckdb
 
 from horizons_platform.settings import Settings
 from horizons_platform.store.base import StoreBase, StoreUnavailable, connect, in_transaction
-from horizons_platform.store.endpoint import CATALOG, OwnerInfo, read_owner
+from horizons_platform.store.endpoint import (
+    CATALOG,
+    OwnerInfo,
+    pid_stopped,
+    read_owner,
+    stopped_owner,
+)
 from horizons_platform.store.extensions import load_extensions
 from horizons_platform.store.owner import local_owner, lock_holder, process_name
 from horizons_platform.store.sql import inline, literal
@@ -88,6 +94,8 @@ class _Session:
             raise StoreUnavailable(
                 "the store's owner is this process and it is not open; use it once it is"
             )
+        if pid_stopped(info.pid):  # ATTACH would wait on its socket for ever
+            raise StoreUnavailable(stopped_owner(info))
         self.info = info
         self.con = connect()
         _OPEN_SESSIONS.add(self)
@@ -153,6 +161,8 @@ class RemoteCursor:
         return self
 
     def _execute(self, text: str, word: str) -> None:
+        if pid_stopped(self._info.pid):
+            raise StoreUnavailable(stopped_owner(self._info))
         try:
             self._session.con.execute(REMOTE_QUERY, [text])
         except duckdb.Error as exc:
@@ -308,7 +318,9 @@ class Store(StoreBase):
             "started_at": info.started_at if info else None,
             "clients": [],
         }
-        if info is not None:
+        if info is not None and pid_stopped(info.pid):
+            status["problem"] = stopped_owner(info)
+        elif info is not None:
             with self.reader() as con:
                 result = con.execute(_CLIENTS_QUERY)
                 columns = [d[0] for d in result.description]

@@ -56,6 +56,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def pid_stopped(pid: int) -> bool:
+    """The process is stopped (SIGSTOP, a debugger): alive, but it answers nobody — a
+    client would wait on its socket for ever."""
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state in ("T", "t")
+    return False
+
+
+def stopped_owner(info: OwnerInfo) -> str:
+    return (
+        f"the store's owner, pid {info.pid}, is stopped (SIGSTOP or a debugger): it answers "
+        f"no client until it continues (`kill -CONT {info.pid}`)"
+    )
+
+
 def read_owner(settings: Settings) -> OwnerInfo | None:
     """The live owner of ``settings.database``, or None."""
     try:

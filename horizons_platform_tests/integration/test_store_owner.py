@@ -93,6 +93,24 @@ def test_store_json_is_private_and_names_the_owner(
     assert "connected" in status.stdout
 
 
+def test_a_stopped_owner_is_named_instead_of_waited_on(
+    settings: Settings, owner: tuple[subprocess.Popen[bytes], OwnerInfo]
+) -> None:
+    proc, _ = owner
+    assert horizons(settings, "query", "SELECT 1").returncode == 0  # a session is cached
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        status = horizons(settings, "store", "status", timeout=60)
+        assert status.returncode == 1 and "is stopped" in status.stdout, status.stdout
+        query = horizons(settings, "query", "SELECT 1", timeout=60)
+        assert query.returncode == 1 and "is stopped" in query.stderr, query.stderr
+        assert f"kill -CONT {proc.pid}" in query.stderr
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    again = horizons(settings, "query", "SELECT 1")
+    assert again.returncode == 0, again.stderr
+
+
 def test_a_users_duckdb_session_attaches_and_a_wrong_token_is_refused(
     settings: Settings, owner: tuple[subprocess.Popen[bytes], OwnerInfo]
 ) -> None:
