@@ -165,12 +165,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
     from horizons_platform.output import write_result
+    from horizons_platform.store.base import STORE_ERRORS
     from horizons_platform.store.client import Store
-    from horizons_platform.store.sql import statements, write_statements
+    from horizons_platform.store.sql import statements, write_kinds
 
     try:
         found = statements(args.sql)
-        writes = write_statements(args.sql)
+        writes = write_kinds(found)
     except duckdb.Error as exc:  # a ParserException: say so before touching the store
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -208,14 +209,7 @@ def cmd_query(args: argparse.Namespace) -> int:
         with session as con:
             shown = write_result(con.execute(args.sql), args.format, args.limit, sys.stdout)
     except duckdb.Error as exc:
-        store_failure = (
-            duckdb.IOException
-            | duckdb.ConnectionException
-            | duckdb.OutOfMemoryException
-            | duckdb.FatalException
-            | duckdb.InternalException
-        )
-        if isinstance(exc, store_failure):
+        if isinstance(exc, STORE_ERRORS):
             raise
         print(f"error: {exc}", file=sys.stderr)  # the SQL's own error, as DuckDB words it
         return 2

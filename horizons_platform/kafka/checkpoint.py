@@ -17,7 +17,7 @@ import duckdb
 from horizons_platform.events import EventDecodeError, safe_text
 from horizons_platform.kafka.records import Batch, Handler, Tables, now
 from horizons_platform.store import tables
-from horizons_platform.store.base import StoreBase, StoreUnavailable, is_conflict
+from horizons_platform.store.base import STORE_ERRORS, StoreBase, is_conflict
 from horizons_platform.tracing import trace_id_of
 
 log = logging.getLogger(__name__)
@@ -113,12 +113,7 @@ class Checkpoint:
     # --- the transaction -------------------------------------------------------------------
 
     def _write(self, batch: Batch, rows: Tables, letters: list[DeadLetter]) -> None:
-        # Each dead letter goes to the DLQ topic once per commit(), however many times
-        # isolating a bad record writes its part of the batch again (at-least-once only
-        # across a crash, not by design: 18,198 messages for 12,136 letters once).
-        unsent = [d for d in letters if (d.topic, d.partition, d.offset) not in self._letters_sent]
-        self.send_dead_letters(unsent)
-        self._letters_sent.update((d.topic, d.partition, d.offset) for d in unsent)
+        self._send_once(letters)
         spans = batch.spans()
         next_offsets = {tp: last + 1 for tp, (_, last) in spans.items()}
         extra = self.extra_rows()
@@ -192,8 +187,7 @@ class Checkpoint:
                         batch.errors[i] = EventDecodeError(safe_text(reason), kind="reused")
                     rows = self.handler.handle(batch)
                     fresh = [self._invalid(batch, i) for i in sorted(reused)]
-                    self.send_dead_letters(fresh)
-                    self._letters_sent.update((d.topic, d.partition, d.offset) for d in fresh)
+                    self._send_once(fresh)
                     letters = letters + fresh
                     self.counters.errors += len(reused)
                 dedupe = True
@@ -203,6 +197,14 @@ class Checkpoint:
             raise
         self.counters.dead_letters += len(letters)
         self.handler.after_commit(rows)
+
+    def _send_once(self, letters: list[DeadLetter]) -> None:
+        """To the DLQ topic, before their transaction, each letter once per commit()
+        however often isolating a bad record writes its part of the batch again
+        (at-least-once only across a crash: 18,198 messages for 12,136 letters once)."""
+        unsent = [d for d in letters if (d.topic, d.partition, d.offset) not in self._letters_sent]
+        self.send_dead_letters(unsent)
+        self._letters_sent.update((d.topic, d.partition, d.offset) for d in unsent)
 
     def _isolate(self, batch: Batch) -> None:
         """Store ``batch`` whose handling or writing failed, dead-lettering the records
@@ -321,13 +323,4 @@ def is_store_failure(exc: BaseException) -> bool:
     record: never dead-lettered, the batch is not stored."""
     if isinstance(exc, duckdb.TransactionException):
         return not is_conflict(exc)
-    return isinstance(
-        exc,
-        duckdb.IOException
-        | duckdb.OutOfMemoryException
-        | duckdb.ConnectionException
-        | duckdb.FatalException
-        | duckdb.InternalException
-        | StoreUnavailable
-        | StoreFailed,
-    )
+    return isinstance(exc, (*STORE_ERRORS, StoreFailed))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -37,6 +38,29 @@ def job_event_columns(batch: Batch, indices: list[int], ingested_at: datetime) -
     }
 
 
+def reused_in_store(
+    con: Any,
+    batch: Batch,
+    wanted: dict[str, list[int]],
+    query: str,
+    differs: Callable[[Any, tuple[Any, ...]], str | None],
+) -> dict[int, str]:
+    """Records (``wanted``: key → indices) whose key a table holds for another event.
+    ``query`` selects the key first, then what ``differs`` compares, for ``{keys}``;
+    ``differs`` returns where the key was used, or None for the same event again."""
+    if not wanted:
+        return {}
+    stored = con.execute(query.format(keys=", ".join(literal(k) for k in wanted))).fetchall()
+    out: dict[int, str] = {}
+    for key, *values in stored:
+        for i in wanted[key]:
+            event: Any = batch.events[i]
+            where = differs(event, tuple(values))
+            if where is not None:
+                out[i] = reused_reason(event["event_id"], where)
+    return out
+
+
 def stored_elsewhere(con: Any, batch: Batch, skip: dict[int, str]) -> dict[int, str]:
     """Records of ``batch`` whose event id ``job_events`` holds for another event (one of
     IDENTITY differs): the id was reused, not replayed."""
@@ -44,18 +68,16 @@ def stored_elsewhere(con: Any, batch: Batch, skip: dict[int, str]) -> dict[int, 
     for i, valid in enumerate(batch.events):
         if valid is not None and i not in skip:
             wanted.setdefault(valid["event_id"], []).append(i)
-    if not wanted:
-        return {}
-    stored = con.execute(
+
+    def differs(e: Any, stored: tuple[Any, ...]) -> str | None:
+        same = (e["event_type"], e["job_id"], e["occurred_at"], tables.to_json(e["payload"]))
+        return None if same == stored[:4] else f"{stored[4]}[{stored[5]}]@{stored[6]}"
+
+    return reused_in_store(
+        con,
+        batch,
+        wanted,
         "SELECT event_id, event_type, job_id, occurred_at, payload::VARCHAR, topic, "
-        '"partition", "offset" FROM job_events WHERE event_id IN '
-        f"({', '.join(literal(i) for i in wanted)})"
-    ).fetchall()
-    out: dict[int, str] = {}
-    for event_id, event_type, job_id, occurred_at, payload, topic, partition, offset in stored:
-        for i in wanted[event_id]:
-            e: Any = batch.events[i]
-            same = (e["event_type"], e["job_id"], e["occurred_at"], tables.to_json(e["payload"]))
-            if same != (event_type, job_id, occurred_at, payload):
-                out[i] = reused_reason(event_id, f"{topic}[{partition}]@{offset}")
-    return out
+        '"partition", "offset" FROM job_events WHERE event_id IN ({keys})',
+        differs,
+    )

@@ -18,9 +18,8 @@ from horizons_platform.events import (
     JOB_SUBMITTED,
     EventDict,
 )
-from horizons_platform.kafka.records import Batch, Handler, Tables, now, reused_reason
-from horizons_platform.services.base import rows_to_columns
-from horizons_platform.store.sql import literal
+from horizons_platform.kafka.records import Batch, Handler, Tables, now
+from horizons_platform.services.base import reused_in_store, rows_to_columns
 from horizons_platform.tracing import trace_id_of
 
 _NAMESPACE = uuid.UUID("6f1c3f0e-6d38-4c8e-9a55-8c1e6f3a2b10")
@@ -144,18 +143,21 @@ class NotificationHandler(Handler):
                 event: Any = batch.events[i]
                 kind = KINDS[event["event_type"]]
                 wanted.setdefault(notification_id(event["event_id"], kind), []).append(i)
-        if not wanted:
-            return out
-        stored = con.execute(
-            "SELECT notification_id, event_id, job_id, recipient FROM notifications "
-            f"WHERE notification_id IN ({', '.join(literal(n) for n in wanted)})"
-        ).fetchall()
-        for nid, event_id, job_id, recipient in stored:
-            for i in wanted[nid]:
-                event = batch.events[i]
-                if (event["job_id"], event["payload"]["owner"]) != (job_id, recipient):
-                    out[i] = reused_reason(event_id, f"notified for job {job_id}")
-        return out
+        return {
+            **out,
+            **reused_in_store(
+                con,
+                batch,
+                wanted,
+                "SELECT notification_id, job_id, recipient FROM notifications "
+                "WHERE notification_id IN ({keys})",
+                lambda e, stored: (
+                    None
+                    if (e["job_id"], e["payload"]["owner"]) == stored
+                    else f"notified for job {stored[0]}"
+                ),
+            ),
+        }
 
     def after_commit(self, rows: Tables) -> None:
         if rows.get("notifications") and self.on_new_notifications is not None:

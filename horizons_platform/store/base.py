@@ -43,6 +43,18 @@ class StoreUnavailable(RuntimeError):
     """Neither a live owner nor the DuckDB file could be reached in time."""
 
 
+# Failures of the store itself (I/O, memory, a lost connection, a database DuckDB
+# invalidated), never of one statement or record.
+STORE_ERRORS = (
+    duckdb.IOException,
+    duckdb.OutOfMemoryException,
+    duckdb.ConnectionException,
+    duckdb.FatalException,
+    duckdb.InternalException,
+    StoreUnavailable,
+)
+
+
 def is_conflict(exc: BaseException) -> bool:
     """A write-write conflict between two concurrent transactions (MVCC): retry it.
     (Not every TransactionException is one: "Failed to commit: Could not write file" is

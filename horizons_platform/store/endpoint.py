@@ -50,19 +50,20 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # alive, someone else's
         return True
     # A zombie (killed, not yet reaped by its parent) is dead for our purposes.
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    return True
+    return _state(pid) != "Z"
 
 
 def pid_stopped(pid: int) -> bool:
     """The process is stopped (SIGSTOP, a debugger): alive, but it answers nobody — a
     client would wait on its socket for ever."""
+    return _state(pid) in ("T", "t")
+
+
+def _state(pid: int) -> str | None:
+    """The process's state letter from /proc (None where it cannot be read)."""
     with contextlib.suppress(OSError, IndexError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state in ("T", "t")
-    return False
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return None
 
 
 def stopped_owner(info: OwnerInfo) -> str:

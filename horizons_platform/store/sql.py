@@ -132,8 +132,13 @@ def write_statements(sql: str) -> list[str]:
 
     Raises ``duckdb.ParserException`` for SQL that does not parse.
     """
+    return write_kinds(statements(sql))
+
+
+def write_kinds(parsed: list[duckdb.Statement]) -> list[str]:
+    """:func:`write_statements` of statements already parsed."""
     kinds: list[str] = []
-    for statement in statements(sql):
+    for statement in parsed:
         if statement.type not in READ_ONLY_KINDS:
             kinds.append(statement.type.name)
         elif statement.type == duckdb.StatementType.EXPLAIN:
