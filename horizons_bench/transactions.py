@@ -81,7 +81,7 @@ def run(
     store.open()
     try:
         if history:
-            store.write(lambda con: _history(con, history))
+            store.write(lambda con: _history(con, history, jobs))
             ctx.progress.say(f"transactions: {history:,} finished jobs and sent e-mails stored")
 
         with ThreadPoolExecutor(1) as writer:
@@ -156,10 +156,12 @@ def _time_groups(
         ctx.progress.say(f"transactions: {group} {commit:.2f} ms per batch of {batch}")
 
 
-def _history(con: Any, rows: int) -> None:
+def _history(con: Any, rows: int, jobs: int) -> None:
     """``rows`` jobs finished and notifications sent over the days before the run, oldest
-    first (the order the groups append them in), their ids random UUIDs like the real
-    ones (ids that sort apart from the run's would let DuckDB skip them by min/max)."""
+    first (the order the groups append them in), their ids spread over the run's own
+    like random producer ids: every stored block then spans the ids of a batch, and
+    DuckDB cannot skip one by its min/max (ids that sort apart from the run's — the
+    history once had 99 % of them so — hid a jobs upsert that read the whole table)."""
     con.execute(
         f"""
         INSERT INTO jobs (job_id, status, owner, job_type, submitted_at, started_at,
@@ -167,9 +169,8 @@ def _history(con: Any, rows: int) -> None:
         SELECT id, 'completed', 'owner-' || (i % 500) || '@example.org', 'imaging',
             t, t, t, 0, 0, 'hist-event-' || i, t
         FROM (SELECT range AS i,
-                     -- among the run's own ids (tx-000000…) in sort order, as random
-                     -- producer ids would be
-                     printf('tx-%06d-%d', hash(range) % 1000000, range) AS id,
+                     -- among the run's own ids (tx-000000…) in sort order
+                     printf('tx-%06d-%d', hash(range) % {max(1, int(jobs))}, range) AS id,
                      now() - INTERVAL 3 DAY + range * INTERVAL 100 MICROSECOND AS t
               FROM range({int(rows)}))
         """
