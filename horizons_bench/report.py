@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -15,6 +16,8 @@ from typing import Any
 import confluent_kafka
 import duckdb
 import psutil
+
+import horizons_platform
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,32 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def code_info() -> str:
+    """Which code ran: the checkout ``horizons_platform`` was imported from, its commit
+    and whether it had changes. An A/B run of another commit through PYTHONPATH from
+    inside this checkout imports this checkout's code, not the other (``python -m``
+    puts the working directory first): the header shows it."""
+    root = Path(horizons_platform.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return str(root)
+    return f"{root} @ {commit}{' +changes' if changed else ''}"
+
+
 @dataclass
 class BenchResult:
     name: str
@@ -93,6 +122,7 @@ class BenchResult:
     duration_s: float = 0.0
     command: str = field(default_factory=lambda: " ".join(["horizons", *sys.argv[1:]]))
     machine: dict[str, Any] = field(default_factory=machine_info)
+    code: str = field(default_factory=code_info)
 
     def add(self, figure: Figure) -> Figure:
         self.figures.append(figure)
@@ -110,6 +140,7 @@ class BenchResult:
             "started_at": self.started_at,
             "duration_s": round(self.duration_s, 1),
             "machine": self.machine,
+            "code": self.code,
             "params": self.params,
             "figures": [f.as_dict() for f in self.figures],
             "details": self.details,
@@ -156,6 +187,7 @@ class BenchResult:
         lines = [
             f"== horizons bench {self.name} ({self.duration_s:.0f} s; {self.machine['cpus']} "
             f"cores, {self.machine['memory_gib']} GiB, load {self.machine['loadavg_1m']}) ==",
+            f"code: {self.code}",
             "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip(),
             "  ".join("-" * w for w in widths),
         ]
