@@ -96,6 +96,15 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
         help="seconds at the same rate before measuring (default 20; 0: none — a fresh "
         "broker then spends half a core compiling)",
     )
+    p.add_argument(
+        "--producer",
+        choices=("replay", "orchestrator"),
+        default="replay",
+        help="replay: the orchestrator encodes the events before the measured window and "
+        "they are replayed at the rate (default; ~0.04 cores at 1,000/s); orchestrator: "
+        "it encodes and sends them live, on the cores the platform is measured on "
+        "(~0.23 cores at 1,000/s; how runs before 2026-12-07 were made)",
+    )
     _common(p)
 
     p = _parser(bench, "query")

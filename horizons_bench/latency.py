@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from horizons_bench import hostmetrics
@@ -41,7 +42,14 @@ from horizons_bench.offsets import TP, OffsetProbe
 from horizons_bench.report import BenchResult, Figure, Target
 from horizons_bench.smtp import SmtpSink
 from horizons_bench.stats import histogram_quantile, summary_ms
-from horizons_bench.workload import Ledger, LedgerPublisher, Sent, produce_jobs
+from horizons_bench.workload import (
+    Ledger,
+    LedgerPublisher,
+    Sent,
+    encode_jobs,
+    produce_jobs,
+    replay,
+)
 from horizons_platform import events as ev
 from horizons_platform.kafka.broker import listener_pid
 from horizons_platform.services.registry import group_topics
@@ -138,8 +146,15 @@ def run(
     seconds: float = 30.0,
     seed: int = 7,
     warmup: float = 20.0,
+    producer: str = "replay",
 ) -> BenchResult:
-    params = {"rate": rate, "seconds": seconds, "seed": seed, "warmup_s": warmup}
+    params = {
+        "rate": rate,
+        "seconds": seconds,
+        "seed": seed,
+        "warmup_s": warmup,
+        "producer": producer,
+    }
     result = BenchResult("latency", params=params)
     with SmtpSink(own_process=True) as smtp:
         metrics_port = free_port()
@@ -150,19 +165,17 @@ def run(
         try:
             ctx.progress.say(f"latency: host pid {host.pid}, ready in {host.wait_ready():.1f} s")
             watcher = CommitWatcher(OffsetProbe(settings, topics)).start()
+            send = _sender(settings, rate, producer, int(rate * warmup), seed + 1)
             warm = Ledger()
             if warmup > 0:
                 ctx.progress.say(f"latency: warming up at {rate:,.0f} events/s for {warmup:.0f} s")
-                produce_jobs(
-                    settings,
-                    int(rate * warmup),
+                send(
                     LedgerPublisher(settings, warm),
-                    rate=rate,
-                    seed=seed + 1,
-                    progress=lambda n, total: ctx.progress.status(f"warm-up: sent {n:,}/{total:,}"),
+                    lambda n, total: ctx.progress.status(f"warm-up: sent {n:,}/{total:,}"),
                 )
             ledger = Ledger(track=True)
             publisher = LedgerPublisher(settings, ledger)  # the platform's own producer config
+            send = _sender(settings, rate, producer, int(rate * seconds), seed)
             ctx.progress.say(f"latency: producing {rate:,.0f} events/s for {seconds:.0f} s")
             cpu = CpuShares(
                 {
@@ -177,14 +190,7 @@ def run(
             broker_threads = ThreadShares(_broker_pid(settings)).start()
             stored_before = hostmetrics.stored_buckets(hostmetrics.scrape(metrics_port))
             started = time.monotonic()
-            produce_jobs(
-                settings,
-                int(rate * seconds),
-                publisher,
-                rate=rate,
-                seed=seed,
-                progress=lambda n, total: ctx.progress.status(f"latency: sent {n:,}/{total:,}"),
-            )
+            send(publisher, lambda n, total: ctx.progress.status(f"latency: sent {n:,}/{total:,}"))
             achieved = ledger.total / (time.monotonic() - started)
             cores = cpu.stop()
             by_thread = host_threads.stop()
@@ -271,6 +277,12 @@ def run(
         else "no warm-up: a fresh broker's JIT compiler competes for the cores"
     )
     result.notes.append(
+        "load: the orchestrator's messages, encoded before the measured window and "
+        "replayed at the rate (--producer orchestrator: encoded live, on the same cores)"
+        if producer == "replay"
+        else "load: the orchestrator encoding and sending live, on the same cores"
+    )
+    result.notes.append(
         f"committed offsets sampled every {SAMPLE_INTERVAL_S * 1000:.0f} ms "
         f"({watcher.polls:,} polls): committed figures are upper bounds by that much"
     )
@@ -288,6 +300,23 @@ def run(
         "broker_cpu_cores_by_thread": broker_by_thread,
     }
     return result
+
+
+Send = Callable[[LedgerPublisher, Callable[[int, int], None]], int]
+
+
+def _sender(settings: Settings, rate: float, producer: str, events: int, seed: int) -> Send:
+    """How ``events`` events get produced at ``rate``: replayed from messages the
+    orchestrator encodes now, before anything is measured, or (``producer="orchestrator"``)
+    by the orchestrator live, its CPU shared with the platform (as before 2026-12-07)."""
+    if producer == "orchestrator":
+        return lambda publisher, progress: produce_jobs(
+            settings, events, publisher, rate=rate, seed=seed, progress=progress
+        )
+    if producer != "replay":
+        raise ValueError(f"producer must be 'replay' or 'orchestrator', not {producer!r}")
+    messages = encode_jobs(settings, events, seed=seed)
+    return lambda publisher, progress: replay(publisher, messages, rate=rate, progress=progress)
 
 
 def _broker_pid(settings: Settings) -> int | None:

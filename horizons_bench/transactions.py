@@ -19,14 +19,13 @@ from __future__ import annotations
 import statistics
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from horizons_bench.harness import BenchContext
 from horizons_bench.report import BenchResult, Figure
+from horizons_bench.workload import Recorder
 from horizons_platform.kafka.checkpoint import Checkpoint
-from horizons_platform.kafka.producer import Publisher
 from horizons_platform.kafka.records import Batch
 from horizons_platform.runtime.outbox import OutboxDispatcher, Outcome
 from horizons_platform.services.orchestrator import JobOrchestratorService
@@ -34,32 +33,6 @@ from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import Settings
 from horizons_platform.simulate import plan, run_simulation
 from horizons_platform.store.owner import StoreOwner
-
-
-class CapturingPublisher(Publisher):
-    """The orchestrator's messages, kept in memory instead of sent: the bench measures the
-    store, and a broker would only add its own noise."""
-
-    def __init__(self, settings: Settings) -> None:  # no producer: nothing is sent
-        self.settings = settings
-        self.sent: list[tuple[str, bytes]] = []
-
-    def send_async(
-        self,
-        topic: str,
-        value: bytes | None,
-        *,
-        key: str | bytes | None,
-        headers: Any = None,
-        on_delivery: Callable[..., None] | None = None,
-    ) -> None:
-        self.sent.append((topic, value or b""))
-
-    def poll(self, timeout: float = 0) -> int:
-        return 0
-
-    def flush(self, timeout: float | None = None) -> int:
-        return 0
 
 
 def run(
@@ -73,10 +46,13 @@ def run(
         "transactions", params={"jobs": jobs, "batch": batch, "seed": seed, "history": history}
     )
     settings = ctx.settings("transactions")
-    capture = CapturingPublisher(settings)
+    # The orchestrator's messages, kept in memory instead of sent: the bench measures
+    # the store, and a broker would only add its own noise.
+    capture = Recorder(settings)
     orch = JobOrchestratorService(settings, recover=False, wait=False, publisher=capture)
     run_simulation(orch, plan(jobs, seed=seed, prefix="tx"), seed=seed)
-    ctx.progress.say(f"transactions: {len(capture.sent):,} messages from {jobs:,} jobs")
+    sent = [(m.topic, m.value or b"") for m in capture.messages]
+    ctx.progress.say(f"transactions: {len(sent):,} messages from {jobs:,} jobs")
     store = StoreOwner(settings, serve=False)
     store.open()
     try:
@@ -85,7 +61,7 @@ def run(
             ctx.progress.say(f"transactions: {history:,} finished jobs and sent e-mails stored")
 
         with ThreadPoolExecutor(1) as writer:
-            writer.submit(_time_groups, ctx, result, settings, store, capture.sent, batch).result()
+            writer.submit(_time_groups, ctx, result, settings, store, sent, batch).result()
         cycle = _outbox_cycles(settings, store, batch)
         note = f"claim {batch} due + record their outcomes; {history:,} sent before"
         result.add(Figure("outbox: one claim's transaction", cycle, "ms", note=note))

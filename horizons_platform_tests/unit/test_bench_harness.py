@@ -3,6 +3,9 @@ settings passed to subprocesses. No broker."""
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import pytest
 
 from horizons_bench.harness import ephemeral_ports, free_port_block, settings_env
@@ -12,6 +15,8 @@ from horizons_bench.report import BenchResult, Figure, Target
 from horizons_bench.runner import Sample, Timeline
 from horizons_bench.stats import growth_pct, percentile, summary_ms
 from horizons_bench.verify import TableCount
+from horizons_bench.workload import LedgerPublisher, encode_jobs, replay
+from horizons_platform import events as ev
 from horizons_platform.settings import Settings
 
 
@@ -95,3 +100,47 @@ def test_port_blocks_stay_out_of_the_ephemeral_range() -> None:
     for _ in range(50):
         base = free_port_block(6)
         assert base + 5 < low or base > high
+
+
+def test_encoded_jobs_are_the_orchestrators_messages() -> None:
+    settings = Settings()
+    messages = encode_jobs(settings, 400, seed=3)
+    assert 380 <= len(messages) <= 420
+    topics = {settings.topic_job_lifecycle, settings.topic_job_metrics}
+    assert {m.topic for m in messages} == topics
+    for m in messages:
+        event = ev.decode(m.value)  # what the consumers will validate
+        assert m.kind == event.event_type
+        assert m.key == event.job_id
+        assert dict(m.headers)["event_type"] == event.event_type.encode()
+    # Every job starts with its submission, in the order the orchestrator sent them.
+    first_seen: dict[str, str] = {}
+    for m in messages:
+        first_seen.setdefault(str(m.key), m.kind)
+    assert set(first_seen.values()) == {ev.JOB_SUBMITTED}
+
+
+class _Counting(LedgerPublisher):
+    """Records when each message was handed over; sends nothing."""
+
+    def __init__(self) -> None:  # no super(): no Kafka client
+        self.at: list[float] = []
+        self.flushed = False
+
+    def send_async(self, topic: str, value: bytes | None, **_: Any) -> None:
+        self.at.append(time.monotonic())
+
+    def flush(self, timeout: float | None = None) -> int:
+        self.flushed = True
+        return 0
+
+
+def test_replay_keeps_the_rate_and_flushes() -> None:
+    messages = encode_jobs(Settings(), 300, seed=5)
+    publisher = _Counting()
+    started = time.monotonic()
+    assert replay(publisher, messages, rate=1000.0) == len(messages)
+    assert len(publisher.at) == len(messages) and publisher.flushed
+    # Message i goes out no earlier than one tick (2 ms) before its due time.
+    for i, at in enumerate(publisher.at):
+        assert at >= started + i / 1000.0 - 0.0025
