@@ -39,7 +39,7 @@ from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.owner import StoreOwner
-from horizons_platform.threads import dump_stacks_after, name_this_thread
+from horizons_platform.threads import dump_stacks_after, name_this_thread, run_in_background
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +110,19 @@ class Host:
             )
             for name, make in SIDE_WORKERS.get(group, {}).items():
                 worker = self.workers[name] = make(self, handler)
-                self._spawn(name, worker.run)
+                self._spawn(name, worker.run, background=True)
         # Alerts and audit records written while the broker was away leave from here.
         self.publications = PublicationDispatcher(
             self.settings, self.store, self.publisher, self.stop_event
         )
         for loop in self.loops.values():
             loop.handler.publish_soon = self.publications.publish_soon
-        self._spawn("publications", self.publications.run)
+        self._spawn("publications", self.publications.run, background=True)
         for hook in self.background:
             self._spawn(
                 getattr(hook, "__name__", "background"),
                 functools.partial(hook, self.stop_event, self.store),
+                background=True,
             )
         for group, loop in self.loops.items():
             self._spawn(f"consumer-{group}", functools.partial(self._run_loop, group, loop))
@@ -153,9 +154,16 @@ class Host:
         self.metrics.outbox_send_seconds.observe(seconds)
         self.metrics.outbox_sent.labels("sent" if ok else "failed").inc()
 
-    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+    def _spawn(self, name: str, target: Callable[[], None], *, background: bool = False) -> None:
+        """A thread of the host. ``background`` work (outboxes, the monitor) yields the
+        CPU to the consumer loops and their writers: at 1,000 events/s on two cores the
+        outbox's claims took as much CPU as the busiest group's commits, at the same
+        moments, and every group's produce → stored p99 waited on it."""
+
         def run() -> None:
             name_this_thread()
+            if background:
+                run_in_background(self.settings.background_nice)
             target()
 
         thread = threading.Thread(target=run, name=name, daemon=True)

@@ -92,6 +92,11 @@ class Settings(BaseSettings):
     # out the dead member's session. Unset: derived from the store file, so the owner and
     # its standbys share it; empty: dynamic membership.
     group_instance_id: str | None = None
+    # How far below the consumer threads (in nice steps, Linux) the host's background
+    # work runs: the outbox and its SMTP sender, the health monitor, the publication
+    # dispatcher. They have seconds to spare; a group's commit does not (docs/decisions.md).
+    # 0: everything at one priority.
+    background_nice: int = Field(default=10, ge=0, le=19)
     broker_grace_s: float = 30.0  # how long consumers ride out a lost broker
     # How often a running group's stored offsets are compared with the cluster (a
     # replaced cluster, retention overtaking the group), off the polling thread.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import os
 import re
 import signal
 import threading
@@ -40,6 +41,19 @@ def name_this_thread() -> None:
     comm = Path(f"/proc/self/task/{threading.get_native_id()}/comm")
     with contextlib.suppress(OSError):
         comm.write_text(os_name(threading.current_thread().name))
+
+
+def run_in_background(nice: int) -> None:
+    """Lower the calling OS thread's priority by ``nice`` steps (Linux keeps a nice value
+    per thread; elsewhere, or where refused, a no-op). Under contention such a thread
+    gets about a tenth of the CPU time of one at the process's priority (nice 10), and
+    any idle core in full."""
+    if nice <= 0:
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError, AttributeError):
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + nice))
 
 
 def dump_stacks_on(signum: int = signal.SIGUSR1) -> None:

@@ -82,6 +82,8 @@ class SmtpSender:
         self._closing = False
         self._closed.clear()
         self.generation += 1
+        # Started from the outbox's thread, the process inherits its (background)
+        # priority: Linux copies the forking thread's nice value.
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "horizons_platform.runtime.sender"],
             stdin=subprocess.PIPE,

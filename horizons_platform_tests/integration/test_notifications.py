@@ -6,13 +6,16 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
+import os
 import ssl
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -377,3 +380,31 @@ def test_an_internationalised_owner_never_fails_the_next_message_on_its_session(
         else:
             assert outcomes[owner].error is None, outcomes[owner]
     assert sink.recipients == [o for o in owners if not (refused and o in international)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread")
+def test_the_outbox_and_its_sender_run_below_the_consumers(
+    settings: Settings, host_factory: Callable[..., Host], smtp: SmtpSink
+) -> None:
+    host = host_factory(settings, ("notifications", "system-health"))
+    orch = JobOrchestratorService(settings, Publisher(settings), wait=False)
+    _completed(orch, "niced-1", "owner@observatory.example")
+    orch.flush()
+    wait_until(lambda: len(smtp.messages) >= 1, timeout=30, what="the e-mail")
+
+    def nice(tid: int) -> int:
+        return os.getpriority(os.PRIO_PROCESS, tid)
+
+    threads = {t.name: t.native_id for t in threading.enumerate() if t.native_id is not None}
+    consumer = nice(threads["consumer-notifications"])
+    step = min(19, consumer + settings.background_nice) - consumer
+    assert step > 0
+    for name in ("outbox", "health-monitor", "publications"):
+        assert nice(threads[name]) == consumer + step, name
+    assert host.dispatcher is not None and host.dispatcher.sender.running
+    senders = [
+        p for p in psutil.Process().children() if "horizons_platform.runtime.sender" in p.cmdline()
+    ]
+    assert senders, "no SMTP sender process"
+    for sender in senders:  # the process, and each of its SMTP sessions' threads
+        assert {nice(t.id) for t in sender.threads()} == {consumer + step}

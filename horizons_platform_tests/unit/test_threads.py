@@ -4,6 +4,7 @@ thread's stack."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from horizons_platform.threads import name_this_thread, os_name
+from horizons_platform.threads import name_this_thread, os_name, run_in_background
 
 
 @pytest.mark.parametrize(
@@ -94,3 +95,26 @@ def test_sigusr1_writes_every_threads_stack_and_the_process_goes_on() -> None:
     out, err = proc.communicate(timeout=30)
     assert "still here" in out
     assert "waiting_in_a_worker" in err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread")
+def test_background_work_lowers_only_its_own_threads_priority() -> None:
+    me = threading.get_native_id()
+    before = os.getpriority(os.PRIO_PROCESS, me)
+    seen: dict[str, int] = {}
+
+    def background() -> None:
+        tid = threading.get_native_id()
+        run_in_background(5)
+        seen["lowered"] = os.getpriority(os.PRIO_PROCESS, tid) - before
+        run_in_background(0)  # 0: left as it is
+        seen["unchanged"] = os.getpriority(os.PRIO_PROCESS, tid) - before
+        run_in_background(30)  # capped at 19, not refused
+        seen["capped"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    worker = threading.Thread(target=background)
+    worker.start()
+    worker.join()
+    lowered = min(19, before + 5) - before  # 5 unless the tests already run niced
+    assert seen == {"lowered": lowered, "unchanged": lowered, "capped": 19}
+    assert os.getpriority(os.PRIO_PROCESS, me) == before  # the rest of the process: as it was
