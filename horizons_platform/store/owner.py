@@ -32,6 +32,7 @@ from horizons_platform.store.base import StoreBase, StoreUnavailable, connect, i
 from horizons_platform.store.endpoint import OwnerInfo, read_owner, remove_owner, write_owner
 from horizons_platform.store.extensions import load_extensions
 from horizons_platform.store.schema import migrate
+from horizons_platform.threads import run_in_background
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +167,29 @@ class StoreOwner(StoreBase):
     def _serve(self, con: duckdb.DuckDBPyConnection) -> None:
         port = self.settings.store_port or free_port()
         token = secrets.token_urlsafe(24)
-        try:
-            con.execute(f"CALL quack_serve('quack:127.0.0.1:{port}', token := '{token}')")
-        except duckdb.Error as exc:
+        # Clients' statements run on the server's threads, which inherit the nice value
+        # of the thread that starts the server. Started from one at background priority
+        # (Host._spawn), a client's long query yields the cores to the consumers'
+        # commits whenever both want them, and has them all otherwise.
+        failed: list[BaseException] = []
+
+        def serve() -> None:
+            run_in_background(self.settings.background_nice)
+            try:
+                con.execute(f"CALL quack_serve('quack:127.0.0.1:{port}', token := '{token}')")
+            except BaseException as exc:
+                failed.append(exc)
+
+        starter = threading.Thread(target=serve, name="store-serve")
+        starter.start()
+        starter.join()  # the connection is used by one thread at a time
+        if failed and isinstance(failed[0], duckdb.Error):
             raise StoreUnavailable(
-                f"cannot serve the store on 127.0.0.1:{port} ({exc}); is another program "
-                "using the port? Set HORIZONS_STORE_PORT"
-            ) from exc
+                f"cannot serve the store on 127.0.0.1:{port} ({failed[0]}); is another "
+                "program using the port? Set HORIZONS_STORE_PORT"
+            ) from failed[0]
+        if failed:
+            raise failed[0]
         self.info = OwnerInfo.new(self.settings, port, token)
         write_owner(self.settings, self.info)
         log.info("serving %s to clients on quack:127.0.0.1:%d", self.path, port)

@@ -7,6 +7,7 @@ process, the `horizons` CLI and a plain DuckDB session are its clients.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -377,3 +378,44 @@ def test_kill_9_the_owner_and_the_standby_takes_over_exactly(
     assert chain.ok, chain
     print(f"\nstandby took over {took:.2f}s after kill -9; {expected} events, 0 lost, 0 doubled")
     assert "took over" in log_b.read_text()
+
+
+def _thread_cpu(pid: int) -> dict[int, tuple[int, int]]:
+    """(CPU ticks so far, nice value) of each of ``pid``'s threads, from /proc."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(task.name)] = (int(fields[11]) + int(fields[12]), int(fields[16]))
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value per thread")
+def test_a_clients_query_runs_below_the_consumers_priority(
+    settings: Settings, owner: tuple[subprocess.Popen[bytes], OwnerInfo]
+) -> None:
+    proc, info = owner
+    consumer_nice = os.getpriority(os.PRIO_PROCESS, proc.pid)
+    background = min(19, consumer_nice + settings.background_nice)
+    assert background > consumer_nice
+    con = attach(info, info.token)
+    done = threading.Event()
+
+    def query() -> None:
+        try:  # seconds of one core's work, run by the owner (as `horizons query` sends it)
+            sql = "SELECT sum(hash(i)) FROM range(600000000) t(i)"
+            con.execute("SELECT * FROM quack_query_by_name('horizons', ?)", [sql]).fetchall()
+        finally:
+            done.set()
+
+    before = _thread_cpu(proc.pid)
+    threading.Thread(target=query, daemon=True).start()
+    assert not done.wait(1.5), "the query ended too soon to be seen"
+    after = _thread_cpu(proc.pid)
+    busiest = max(after, key=lambda t: after[t][0] - before.get(t, (0, 0))[0])
+    assert after[busiest][1] == background  # the thread running the client's query
+    assert done.wait(120)
+    con.close()
