@@ -48,8 +48,10 @@ def local_owner(path: Path) -> StoreOwner | None:
 
 
 def lock_holder(exc: BaseException) -> int | None:
-    """The pid DuckDB names in a "Could not set lock" error, if any."""
-    if "lock" not in str(exc).lower():
+    """The pid DuckDB names in a "Could not set lock" error; None for any other error.
+    Matched on DuckDB's phrase, not on "lock": a corrupt file's error names a "block",
+    and read as a held lock it was retried for 30 s and reported as "held by pid ?"."""
+    if "could not set lock" not in str(exc).lower():
         return None
     match = re.search(r"PID (\d+)", str(exc))
     return int(match.group(1)) if match else 0

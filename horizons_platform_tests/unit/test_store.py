@@ -163,6 +163,28 @@ def test_a_holder_that_does_not_serve_ends_in_a_clear_error(tmp_path: Path) -> N
         holder.wait(10)
 
 
+def test_a_corrupt_file_fails_at_once_with_duckdbs_own_error(tmp_path: Path) -> None:
+    """Not taken for a held lock (its message names a "block"): no wait, no "pid ?"."""
+    store = _store(tmp_path, store_connect_timeout_s=3)
+    with duckdb.connect(str(store.path)) as con:
+        con.execute("CREATE TABLE filler AS SELECT range AS n FROM range(300000)")
+    # A WAL left behind (the writer died) is replayed on open, which reads the table.
+    died = (
+        "import duckdb, os, sys; "
+        "duckdb.connect(sys.argv[1]).execute('INSERT INTO filler VALUES (1)'); os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", died, str(store.path)], check=True)
+    size = store.path.stat().st_size
+    with store.path.open("r+b") as f:  # into every block past DuckDB's 12 KiB header
+        for block in range(12288 + 64, size, 262144):
+            f.seek(block)
+            f.write(b"\xff" * 64)
+    started = time.monotonic()
+    with pytest.raises(duckdb.IOException, match="Corrupt database file"):
+        store.query("SELECT sum(n) FROM filler")
+    assert time.monotonic() - started < 2
+
+
 def test_reading_a_missing_store_says_how_to_create_it(tmp_path: Path) -> None:
     store = Store(Settings(var_dir=tmp_path))
     with pytest.raises(FileNotFoundError, match="horizons consume"):
