@@ -21,6 +21,21 @@ def admin_client(settings: Settings) -> AdminClient:
     return AdminClient(settings.kafka_config())
 
 
+def answers_a_new_client(settings: Settings, topic: str, timeout: float) -> bool:
+    """Whether the cluster answers one metadata request from a brand-new client. The
+    client is silent (no Python logger, librdkafka's own logging off): it is dropped
+    wherever the garbage collector finds it, and confluent-kafka 2.16 aborts the process
+    when a handle being destroyed there hands a log line to Python ("CallState_get:
+    Assertion `cs != NULL' failed", seen in the consumer loop)."""
+    conf = settings.kafka_config(log_level=0)
+    conf.pop("logger", None)
+    try:
+        AdminClient(conf).list_topics(topic, timeout=timeout)
+    except KafkaException:
+        return False
+    return True
+
+
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
     """Create the contract's topics that are missing; existing ones are left alone."""
     admin = admin_client(settings)

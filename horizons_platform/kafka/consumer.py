@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from horizons_platform.kafka import offsets
+from horizons_platform.kafka.admin import answers_a_new_client
 from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter, StoreFailed, is_store_failure
 from horizons_platform.kafka.offsets_watch import OffsetsWatch
 from horizons_platform.kafka.producer import Publisher
@@ -70,6 +71,10 @@ IDLE_PROBE_S = 5.0
 # same group.instance.id, not by librdkafka's own rejoin (see _rejoin): it stops.
 MAX_REJOINS = 3
 REJOIN_WINDOW_S = 600.0
+# An outage this old is put to a new client every so often: if the cluster answers it
+# while this consumer still gets no answer, the consumer is replaced (see _wedged). The
+# same period paces the "still unreachable" log lines.
+WEDGE_CHECK_S = 15.0
 
 
 def static_member_id(settings: Settings, group: str, topics: list[str]) -> str | None:
@@ -108,6 +113,8 @@ class ConsumerLoop:
         self._fatal: KafkaError | None = None
         self._next_probe = 0.0
         self._probe_delay = 0.5
+        self._probe_error = ""  # why the last probe got no answer
+        self._next_wedge_check = math.inf
         self._heard_at = time.monotonic()  # the broker last answered (messages, a probe)
         self._last_signals = time.monotonic()
         # Records alerts (health_alerts + the publication outbox); the host wires it.
@@ -336,6 +343,10 @@ class ConsumerLoop:
             )
             return False
         self._rejoins.append(now)
+        self._replace_consumer(reason)
+        return True
+
+    def _replace_consumer(self, reason: str) -> None:
         log.error(
             "%s: %s; rejoining the group with a new consumer (it resumes from the stored "
             "offsets: nothing is lost or read twice)",
@@ -348,7 +359,6 @@ class ConsumerLoop:
         old, self._consumer = self._consumer, self._new_consumer()
         self._close_consumer(old)
         self._subscribe()
-        return True
 
     def _close_consumer(self, consumer: Consumer) -> None:
         """close() leaves the group; with the broker gone it can only wait for its own
@@ -491,8 +501,7 @@ class ConsumerLoop:
             return
         lost = err.code() in (KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT)
         if lost and self._broker_down_since is None:
-            self._broker_down_since = time.monotonic()
-            self._next_probe = self._broker_down_since + self._probe_delay
+            self._outage_starts(time.monotonic())
             log.warning("%s: broker unreachable: %s", self.group, err.str())
 
     def _probe_when_idle(self) -> None:
@@ -508,15 +517,20 @@ class ConsumerLoop:
             return
         # Counted from now, not from its last answer: one slow answer on a quiet topic
         # must not use up the grace period in one go.
+        self._outage_starts(now)
+        log.warning("%s: broker unreachable (no answer to a metadata request)", self.group)
+
+    def _outage_starts(self, now: float) -> None:
         self._broker_down_since = now
         self._next_probe = now + self._probe_delay
-        log.warning("%s: broker unreachable (no answer to a metadata request)", self.group)
+        self._next_wedge_check = now + WEDGE_CHECK_S
 
     def _broker_answers(self) -> bool:
         """One metadata request for one of our topics, answered within a second."""
         try:
             self._consumer.list_topics(self.handler.topics()[0], timeout=1.0)
-        except KafkaException:
+        except KafkaException as exc:
+            self._probe_error = str(exc.args[0].str() if exc.args else exc)
             return False
         self._heard_at = time.monotonic()
         return True
@@ -538,6 +552,8 @@ class ConsumerLoop:
                 return False
             self._probe_delay = min(self._probe_delay * 2, 5.0)
             self._next_probe = time.monotonic() + self._probe_delay
+            if self._wedged():
+                return False
         down_since = self._broker_down_since
         if down_since is not None and time.monotonic() - down_since > self.settings.broker_grace_s:
             log.error(
@@ -548,6 +564,34 @@ class ConsumerLoop:
             self._record_broker_lost()
             return True
         return False
+
+    def _wedged(self) -> bool:
+        """Every WEDGE_CHECK_S of an outage: does a new client reach the cluster that this
+        consumer has had no answer from? Then this consumer is replaced (True). CI saw
+        a cluster replaced behind the same address (the runbook's old recovery step)
+        while the group's coordinator was unreachable: the test's producer and the
+        host's publisher reached the new cluster within seconds, the consumer's own
+        metadata requests got no answer for the whole 120 s grace, and the host exited
+        "broker unreachable" (3) instead of "stored offsets refused" (6). A new consumer
+        resumes from the stored offsets, and its assignment checks them against the
+        cluster (kafka/offsets.py)."""
+        now = time.monotonic()
+        if self._broker_down_since is None or now < self._next_wedge_check:
+            return False
+        self._next_wedge_check = now + WEDGE_CHECK_S
+        log.warning(
+            "%s: broker still unreachable after %.0fs (%s)",
+            self.group,
+            now - self._broker_down_since,
+            self._probe_error or "no answer",
+        )
+        if not answers_a_new_client(self.settings, self.handler.topics()[0], timeout=2.0):
+            return False  # the cluster is away for everyone: an outage, not a wedge
+        self._replace_consumer(
+            "the cluster answers a new client but not this consumer; replacing it"
+        )
+        self._next_probe = time.monotonic() + self._probe_delay
+        return True
 
     def _record_broker_lost(self) -> None:
         with self.store.transaction() as con:

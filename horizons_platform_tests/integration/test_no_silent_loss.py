@@ -5,10 +5,12 @@ while the broker is down, dead letters fixed and replayed."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,19 +18,21 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from horizons_bench.harness import free_port_block
+from horizons_bench.harness import derive, free_port_block
 from horizons_bench.smtp import SmtpSink
 from horizons_platform import events as ev
 from horizons_platform.host import Host
 from horizons_platform.kafka.admin import end_offsets, ensure_topics
 from horizons_platform.kafka.broker import EmbeddedBroker
-from horizons_platform.kafka.consumer import EXIT_OFFSETS, EXIT_STORE
+from horizons_platform.kafka.consumer import EXIT_OFFSETS, EXIT_OK, EXIT_STORE, ConsumerLoop
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.runtime.monitor import apply_evaluations
 from horizons_platform.services import health_rules
+from horizons_platform.services.audit import AuditHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
+from horizons_platform.store.owner import free_port
 from horizons_platform.waiting import wait_until
 from horizons_platform_tests.conftest import make_settings
 from horizons_platform_tests.support import (
@@ -142,6 +146,49 @@ def test_a_replaced_cluster_stops_the_group_loudly_until_its_offsets_are_reset(
         print(f"produced after the replacement: {after}, stored: {_audited(store, 'after')}")
     finally:
         stop_consumer(proc, log)
+
+
+class _FirstConsumerGetsNoAnswer(ConsumerLoop):
+    """The real loop, except that its first consumer talks to an address where no broker
+    listens: a consumer that hears nothing while the cluster answers every other client
+    (CI once saw that after a cluster was replaced; the host waited out its whole grace
+    period and exited "broker unreachable")."""
+
+    def _new_consumer(self) -> Consumer:
+        if getattr(self, "_answered_once", False):
+            return super()._new_consumer()
+        self._answered_once = True
+        real = self.settings
+        self.settings = derive(real, kafka_bootstrap=f"127.0.0.1:{free_port()}")
+        try:
+            return super()._new_consumer()
+        finally:
+            self.settings = real
+
+
+def test_a_consumer_that_hears_nothing_while_the_cluster_answers_others_is_replaced(
+    settings: Settings, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = derive(settings, broker_grace_s=120.0)
+    loop = _FirstConsumerGetsNoAnswer(AuditHandler(settings), settings, store)
+    codes: list[int] = []
+    thread = threading.Thread(target=lambda: codes.append(loop.run()), daemon=True)
+    with caplog.at_level(logging.WARNING, logger="horizons_platform.kafka.consumer"):
+        thread.start()
+        try:
+            jobs = run_jobs(settings, "unheard", 3)
+            wait_until(
+                lambda: _audited(store, "unheard") == (jobs, jobs),
+                60,
+                what="the jobs, stored through a new consumer",
+            )
+            assert thread.is_alive()
+        finally:
+            loop.stop()
+            thread.join(30)
+    assert codes == [EXIT_OK]
+    assert "broker still unreachable after" in caplog.text
+    assert "the cluster answers a new client but not this consumer" in caplog.text
 
 
 def test_offsets_moved_past_the_cluster_under_an_idle_group_are_caught_by_the_watch(
