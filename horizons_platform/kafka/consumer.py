@@ -71,10 +71,6 @@ IDLE_PROBE_S = 5.0
 # same group.instance.id, not by librdkafka's own rejoin (see _rejoin): it stops.
 MAX_REJOINS = 3
 REJOIN_WINDOW_S = 600.0
-# An outage this old is put to a new client every so often: if the cluster answers it
-# while this consumer still gets no answer, the consumer is replaced (see _wedged). The
-# same period paces the "still unreachable" log lines.
-WEDGE_CHECK_S = 15.0
 
 
 def static_member_id(settings: Settings, group: str, topics: list[str]) -> str | None:
@@ -90,6 +86,15 @@ def static_member_id(settings: Settings, group: str, topics: list[str]) -> str |
 
 
 class ConsumerLoop:
+    # During an outage a new client is asked every ``wedge_check_s`` whether the cluster
+    # answers it (the same period paces the "still unreachable" log lines). A consumer
+    # that still hears nothing once the cluster has answered new clients for
+    # ``wedged_after_s`` is replaced (see _wedged): longer than librdkafka's own
+    # reconnect backoff (reconnect.backoff.max.ms, 10 s), so a consumer about to
+    # reconnect by itself is left alone.
+    wedge_check_s = 10.0
+    wedged_after_s = 30.0
+
     def __init__(
         self,
         handler: Handler,
@@ -115,6 +120,7 @@ class ConsumerLoop:
         self._probe_delay = 0.5
         self._probe_error = ""  # why the last probe got no answer
         self._next_wedge_check = math.inf
+        self._answered_elsewhere_since: float | None = None
         self._heard_at = time.monotonic()  # the broker last answered (messages, a probe)
         self._last_signals = time.monotonic()
         # Records alerts (health_alerts + the publication outbox); the host wires it.
@@ -523,7 +529,8 @@ class ConsumerLoop:
     def _outage_starts(self, now: float) -> None:
         self._broker_down_since = now
         self._next_probe = now + self._probe_delay
-        self._next_wedge_check = now + WEDGE_CHECK_S
+        self._next_wedge_check = now + self.wedge_check_s
+        self._answered_elsewhere_since = None
 
     def _broker_answers(self) -> bool:
         """One metadata request for one of our topics, answered within a second."""
@@ -566,10 +573,12 @@ class ConsumerLoop:
         return False
 
     def _wedged(self) -> bool:
-        """Every WEDGE_CHECK_S of an outage: does a new client reach the cluster that this
-        consumer has had no answer from? Then this consumer is replaced (True). CI saw
-        a cluster replaced behind the same address (the runbook's old recovery step)
-        while the group's coordinator was unreachable: the test's producer and the
+        """Every ``wedge_check_s`` of an outage: does a new client reach the cluster that
+        this consumer has had no answer from? Once that has held for ``wedged_after_s``,
+        this consumer is replaced (True).
+
+        CI saw a cluster replaced behind the same address (the runbook's old recovery
+        step) while the group's coordinator was unreachable: the test's producer and the
         host's publisher reached the new cluster within seconds, the consumer's own
         metadata requests got no answer for the whole 120 s grace, and the host exited
         "broker unreachable" (3) instead of "stored offsets refused" (6). A new consumer
@@ -578,7 +587,7 @@ class ConsumerLoop:
         now = time.monotonic()
         if self._broker_down_since is None or now < self._next_wedge_check:
             return False
-        self._next_wedge_check = now + WEDGE_CHECK_S
+        self._next_wedge_check = now + self.wedge_check_s
         log.warning(
             "%s: broker still unreachable after %.0fs (%s)",
             self.group,
@@ -586,9 +595,17 @@ class ConsumerLoop:
             self._probe_error or "no answer",
         )
         if not answers_a_new_client(self.settings, self.handler.topics()[0], timeout=2.0):
-            return False  # the cluster is away for everyone: an outage, not a wedge
+            self._answered_elsewhere_since = None  # away for everyone: an outage
+            return False
+        if self._answered_elsewhere_since is None:
+            self._answered_elsewhere_since = now
+        answered_for = now - self._answered_elsewhere_since
+        if answered_for < self.wedged_after_s:
+            return False
+        self._answered_elsewhere_since = None
         self._replace_consumer(
-            "the cluster answers a new client but not this consumer; replacing it"
+            f"the cluster has answered new clients for {answered_for:.0f}s but not this "
+            "consumer; replacing it"
         )
         self._next_probe = time.monotonic() + self._probe_delay
         return True
