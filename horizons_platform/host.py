@@ -145,7 +145,12 @@ class Host:
         ) -> object:
             found = Evaluation(rule, subject, value, threshold, severity, True, text)
             return apply_evaluations(
-                self.settings, self.store, self.publisher, [found], actor=f"consumer:{group}"
+                self.settings,
+                self.store,
+                self.publisher,
+                [found],
+                actor=f"consumer:{group}",
+                stop=self.stop_event,
             )
 
         return raise_alert

@@ -126,6 +126,7 @@ def apply_evaluations(
     *,
     actor: str = "system-health-monitor",
     extra_rows: list[dict[str, Any]] | None = None,
+    stop: threading.Event | None = None,
 ) -> rules.Transitions:
     """Record what changed, with the ``health.alert`` / ``health.recovered`` events and
     their audit records in the publication outbox (same transaction), then publish them.
@@ -160,7 +161,7 @@ def apply_evaluations(
             )
         tables.insert(con, "health_signals", extra_rows or [])
         ids = _enqueue(con, settings, raised, todo.resolve, actor, producer)
-    publish_now(store, publisher, ids)
+    publish_now(store, publisher, ids, stop)
     for r in raised:
         log.warning("health alert: %s", r["message"])
     for _, e in todo.resolve:
@@ -205,12 +206,15 @@ def _enqueue(
 
 
 def check_once(
-    settings: Settings, store: StoreBase, publisher: Publisher | None
+    settings: Settings,
+    store: StoreBase,
+    publisher: Publisher | None,
+    stop: threading.Event | None = None,
 ) -> rules.Transitions:
     snap, lags = collect_snapshot(settings, store)
     evaluations = rules.evaluate(snap, rules.Thresholds.from_settings(settings))
     return apply_evaluations(
-        settings, store, publisher, evaluations, extra_rows=lag_signal_rows(snap, lags)
+        settings, store, publisher, evaluations, extra_rows=lag_signal_rows(snap, lags), stop=stop
     )
 
 
@@ -234,7 +238,7 @@ class HealthMonitor:
     def run(self) -> None:
         while not self.stop_event.wait(self.settings.health_interval_s):
             try:
-                check_once(self.settings, self.store, self.publisher)
+                check_once(self.settings, self.store, self.publisher, self.stop_event)
                 self.ticks += 1
             except Exception:
                 log.exception("health: check failed; retrying next interval")

@@ -60,10 +60,17 @@ def publish(
     *,
     ids: list[str] | None = None,
     older_than_s: float = 0.0,
-    timeout: float = 10.0,
+    stop: threading.Event | None = None,
 ) -> tuple[int, int]:
     """Send pending publications (``ids``, or all older than ``older_than_s``), delete the
-    ones Kafka acknowledged. Returns (published, still pending among those tried)."""
+    ones Kafka acknowledged. Returns (published, still pending among those tried).
+
+    It waits for every message's delivery report, which librdkafka gives within the
+    publisher's delivery timeout, unless ``stop`` is set first. Giving up earlier (a
+    fixed 10 s wait once) left messages in flight and in the outbox: the next sweep sent
+    them again, and both copies arrived (CI, a broker restarted on a loaded machine:
+    one alert published twice). A host stopping while the broker is away stops waiting
+    at once instead of holding up its exit (CI: 10–19 s past the consumers' exit)."""
     if ids is not None and not ids:
         return 0, 0
     where = (
@@ -102,8 +109,16 @@ def publish(
                 on_delivery=report(pid),
             )
         except KafkaException as exc:
-            errors[pid] = str(exc)
-    publisher.flush(timeout)
+            with lock:
+                errors[pid] = str(exc)
+    deadline = time.monotonic() + publisher.delivery_timeout_s + 5.0
+    while True:
+        with lock:
+            reported = len(acked) + len(errors)
+        remaining = deadline - time.monotonic()
+        if reported >= len(rows) or remaining <= 0 or (stop is not None and stop.is_set()):
+            break
+        publisher.flush(min(0.2, remaining))  # serves the delivery reports
     with lock:
         done, failed = list(acked), dict(errors)
     if done or failed:
@@ -129,12 +144,18 @@ def publish(
     return len(done), pending
 
 
-def publish_now(store: StoreBase, publisher: Publisher | None, ids: list[str]) -> None:
-    """Best effort right after the commit; the host's dispatcher retries what is left."""
+def publish_now(
+    store: StoreBase,
+    publisher: Publisher | None,
+    ids: list[str],
+    stop: threading.Event | None = None,
+) -> None:
+    """Best effort right after the commit; the host's dispatcher retries what is left.
+    ``stop`` (a host's) ends the wait for delivery reports when the host stops."""
     if publisher is None or not ids:
         return
     try:
-        publish(store, publisher, ids=ids)
+        publish(store, publisher, ids=ids, stop=stop)
     except Exception:
         log.exception("publications: could not publish now; the host's dispatcher will")
 
@@ -179,7 +200,7 @@ class PublicationDispatcher:
                 soon, self._soon = self._soon, []
             if soon:
                 try:
-                    sent, _ = publish(self.store, self.publisher, ids=soon)
+                    sent, _ = publish(self.store, self.publisher, ids=soon, stop=self.stop_event)
                     self.published += sent
                 except Exception:
                     # Still in the outbox: the sweep sends them once they are older.
@@ -187,7 +208,9 @@ class PublicationDispatcher:
             if time.monotonic() < sweep_at:
                 continue
             try:
-                sent, pending = publish(self.store, self.publisher, older_than_s=DISPATCH_AFTER_S)
+                sent, pending = publish(
+                    self.store, self.publisher, older_than_s=DISPATCH_AFTER_S, stop=self.stop_event
+                )
                 self.published += sent
                 # Back off while the broker refuses; drain at once while it accepts.
                 delay = (

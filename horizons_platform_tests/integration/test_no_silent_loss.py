@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.kafka.consumer import EXIT_OFFSETS, EXIT_OK, EXIT_STORE, ConsumerLoop
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.runtime.monitor import apply_evaluations
+from horizons_platform.runtime.publications import enqueue, publish
 from horizons_platform.services import health_rules
 from horizons_platform.services.audit import AuditHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
@@ -330,6 +332,35 @@ def test_an_alert_raised_while_the_broker_is_down_reaches_kafka_when_it_returns(
         60,
         what="the alert's record in the audit trail",
     )
+
+
+def test_the_outbox_waits_for_every_delivery_report_unless_its_host_stops(
+    settings: Settings, store: Store
+) -> None:
+    """Kafka unreachable (nothing listens at the address). A publication is settled by
+    its delivery report, however late (librdkafka gives it within the delivery timeout;
+    leaving it in flight once had the next sweep send it again, and both copies
+    arrived); a stopping host stops waiting at once and keeps it in the outbox."""
+    unreachable = derive(settings, kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    event = ev.audit_record("test", "drill", {}, "test")
+    with store.transaction() as con:
+        enqueue(con, settings.topic_audit_trail, event, key="drill")
+
+    def outbox() -> list[tuple[int, str | None]]:
+        return store.query("SELECT attempts, last_error FROM publications")[1]
+
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    started = time.monotonic()
+    assert publish(store, Publisher(unreachable), stop=stop) == (0, 1)
+    assert time.monotonic() - started < 5
+    assert outbox() == [(0, None)]  # no report yet: still in flight when it gave up
+
+    started = time.monotonic()
+    assert publish(store, Publisher(unreachable, delivery_timeout_s=12.0)) == (0, 1)
+    assert time.monotonic() - started >= 11.5  # past the 10 s it once waited at most
+    [(attempts, error)] = outbox()
+    assert attempts == 1 and error and "timed out" in error.lower()
 
 
 def _event(job_id: str, event_type: str, payload: dict[str, object]) -> dict[str, object]:
