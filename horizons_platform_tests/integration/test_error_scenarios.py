@@ -110,10 +110,13 @@ def test_scenario_7_broker_loss_detected_consumers_shut_down_cleanly(
             timeout=60,
             what="consumers assigned",
         )
-        stopped = time.monotonic()
+        stopping = time.monotonic()
         broker.stop()
-        code = proc.wait(timeout=60)
-        took = time.monotonic() - stopped
+        # The host is timed from the broker's exit: the JVM's own shutdown took up to its
+        # 30 s SIGKILL fallback in some CI runs (a broker with no clients at all too).
+        gone = time.monotonic()
+        code = proc.wait(timeout=90)
+        rode_out, took = time.monotonic() - stopping, time.monotonic() - gone
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -121,7 +124,8 @@ def test_scenario_7_broker_loss_detected_consumers_shut_down_cleanly(
     out = log_path.read_text()
     assert code == EXIT_BROKER_LOST, out[-3000:]
     # It rode out the 4 s grace period, then stopped on its own — no hang.
-    assert 4 <= took < 45, f"exited {took:.1f}s after the broker began stopping"
+    assert rode_out >= 4, f"exited {rode_out:.1f}s after the broker began stopping"
+    assert took < 45, f"exited {took:.1f}s after the broker was gone"
     assert "broker unreachable" in out
     for group in SERVICE_GROUPS:
         assert f"{group}: consumer closed (exit" in out, f"{group} did not close cleanly"
