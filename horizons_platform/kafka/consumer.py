@@ -537,7 +537,7 @@ class ConsumerLoop:
         try:
             self._consumer.list_topics(self.handler.topics()[0], timeout=1.0)
         except KafkaException as exc:
-            self._probe_error = str(exc.args[0].str() if exc.args else exc)
+            self._probe_error = exc.args[0].str() if exc.args else str(exc)
             return False
         self._heard_at = time.monotonic()
         return True

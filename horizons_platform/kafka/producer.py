@@ -131,14 +131,10 @@ class Publisher:
             done.set()
 
         self.send_async(topic, value, key=key, headers=headers, on_delivery=on_delivery)
-        # Poll until our callback fired; the timeout covers message.timeout.ms plus slack.
-        deadline = self.delivery_timeout_s + 5
-        waited = 0.0
-        while not done.is_set() and waited < deadline:
-            self._producer.poll(0.05)
-            waited += 0.05
-        if not outcome:
-            raise DeliveryError(f"no delivery report for {topic} after {deadline:.0f}s")
+        if not self.await_reports(done.is_set):
+            raise DeliveryError(
+                f"no delivery report for {topic} after {self.delivery_timeout_s + 5:.0f}s"
+            )
         result = outcome[0]
         if isinstance(result, KafkaError):
             raise DeliveryError(f"delivery to {topic} failed: {result.str()}")
@@ -168,6 +164,19 @@ class Publisher:
             except BufferError:
                 # The local queue is full: serve delivery reports to make room.
                 self._producer.poll(0.1)
+
+    def await_reports(
+        self, settled: Callable[[], bool], stop: threading.Event | None = None
+    ) -> bool:
+        """Serve delivery reports until ``settled()``; False if ``stop`` is set first or no
+        report came. librdkafka reports every message within message.timeout.ms (the
+        delivery timeout), so the wait is bounded by that plus slack."""
+        deadline = time.monotonic() + self.delivery_timeout_s + 5
+        while not settled():
+            if (stop is not None and stop.is_set()) or time.monotonic() >= deadline:
+                return False
+            self.poll(0.05)
+        return True
 
     def poll(self, timeout: float = 0) -> int:
         return self._producer.poll(timeout)

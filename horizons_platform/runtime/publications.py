@@ -111,14 +111,12 @@ def publish(
         except KafkaException as exc:
             with lock:
                 errors[pid] = str(exc)
-    deadline = time.monotonic() + publisher.delivery_timeout_s + 5.0
-    while True:
+
+    def all_reported() -> bool:
         with lock:
-            reported = len(acked) + len(errors)
-        remaining = deadline - time.monotonic()
-        if reported >= len(rows) or remaining <= 0 or (stop is not None and stop.is_set()):
-            break
-        publisher.flush(min(0.2, remaining))  # serves the delivery reports
+            return len(acked) + len(errors) >= len(rows)
+
+    publisher.await_reports(all_reported, stop)
     with lock:
         done, failed = list(acked), dict(errors)
     if done or failed:
