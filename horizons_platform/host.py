@@ -77,6 +77,7 @@ class Host:
         self.store = StoreOwner(self.settings)
         self.publisher = Publisher(self.settings)
         self._threads: list[threading.Thread] = []
+        self.publications: PublicationDispatcher | None = None  # set by start()
 
     def start(self) -> bool:
         """Take the store (as a standby, wait for it), then start every service.
@@ -112,12 +113,12 @@ class Host:
                 worker = self.workers[name] = make(self, handler)
                 self._spawn(name, worker.run, background=True)
         # Alerts and audit records written while the broker was away leave from here.
-        self.publications = PublicationDispatcher(
+        publications = self.publications = PublicationDispatcher(
             self.settings, self.store, self.publisher, self.stop_event
         )
         for loop in self.loops.values():
-            loop.handler.publish_soon = self.publications.publish_soon
-        self._spawn("publications", self.publications.run, background=True)
+            loop.handler.publish_soon = publications.publish_soon
+        self._spawn("publications", publications.run, background=True)
         for hook in self.background:
             self._spawn(
                 getattr(hook, "__name__", "background"),
@@ -216,6 +217,8 @@ class Host:
         lost = [g for g, code in self.exit_codes.items() if code == EXIT_BROKER_LOST]
         if lost:
             self._record_broker_lost(lost)
+        elif not stuck and self.publications is not None:
+            self.publications.drain()
         self.publisher.flush(2.0)
         self.store.close()
         return max(self.exit_codes.values(), default=EXIT_OK)

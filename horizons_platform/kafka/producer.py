@@ -166,14 +166,23 @@ class Publisher:
                 self._producer.poll(0.1)
 
     def await_reports(
-        self, settled: Callable[[], bool], stop: threading.Event | None = None
+        self,
+        settled: Callable[[], bool],
+        stop: threading.Event | None = None,
+        grace_s: float = 0.0,
     ) -> bool:
-        """Serve delivery reports until ``settled()``; False if ``stop`` is set first or no
-        report came. librdkafka reports every message within message.timeout.ms (the
-        delivery timeout), so the wait is bounded by that plus slack."""
+        """Serve delivery reports until ``settled()``; False if none settled in time.
+        librdkafka reports every message within message.timeout.ms (the delivery
+        timeout), so the wait is bounded by that plus slack; once ``stop`` is set, by
+        ``grace_s`` more: a stopping host still hears a reachable broker (milliseconds),
+        but does not wait out an unreachable one."""
         deadline = time.monotonic() + self.delivery_timeout_s + 5
+        stopping = False
         while not settled():
-            if (stop is not None and stop.is_set()) or time.monotonic() >= deadline:
+            now = time.monotonic()
+            if not stopping and stop is not None and stop.is_set():
+                stopping, deadline = True, min(deadline, now + grace_s)
+            if now >= deadline:
                 return False
             self.poll(0.05)
         return True

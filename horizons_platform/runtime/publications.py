@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # long, so the two rarely send the same row twice.
 DISPATCH_AFTER_S = 5.0
 BATCH = 500
+# How long a stopping host still waits for delivery reports: a reachable broker answers
+# in milliseconds, and the auditor's last signed head must reach its witness before the
+# host exits; an unreachable one is not waited out (the outbox keeps the rows).
+STOP_GRACE_S = 2.0
 
 
 def enqueue(con: Any, topic: str, event: ev.Envelope, *, key: str | None = None) -> str:
@@ -66,11 +70,13 @@ def publish(
     ones Kafka acknowledged. Returns (published, still pending among those tried).
 
     It waits for every message's delivery report, which librdkafka gives within the
-    publisher's delivery timeout, unless ``stop`` is set first. Giving up earlier (a
-    fixed 10 s wait once) left messages in flight and in the outbox: the next sweep sent
-    them again, and both copies arrived (CI, a broker restarted on a loaded machine:
-    one alert published twice). A host stopping while the broker is away stops waiting
-    at once instead of holding up its exit (CI: 10–19 s past the consumers' exit)."""
+    publisher's delivery timeout, or at most STOP_GRACE_S once ``stop`` is set. Giving
+    up earlier (a fixed 10 s wait once) left messages in flight and in the outbox: the
+    next sweep sent them again, and both copies arrived (CI, a broker restarted on a
+    loaded machine: one alert published twice). A host stopping while the broker is away
+    waited out the delivery timeout (CI: 10–19 s past the consumers' exit); giving up at
+    the stop at once left even a reachable broker's acknowledgement of the last signed
+    head unheard, so the head stayed in the outbox until the next host."""
     if ids is not None and not ids:
         return 0, 0
     where = (
@@ -116,7 +122,7 @@ def publish(
         with lock:
             return len(acked) + len(errors) >= len(rows)
 
-    publisher.await_reports(all_reported, stop)
+    publisher.await_reports(all_reported, stop, STOP_GRACE_S)
     with lock:
         done, failed = list(acked), dict(errors)
     if done or failed:
@@ -186,6 +192,14 @@ class PublicationDispatcher:
         with self._lock:
             self._soon.extend(ids)
         self._wake.set()
+
+    def drain(self) -> None:
+        """What the consumers handed over while stopping (the auditor's last signed head),
+        once they have stopped: the host calls this after joining its threads."""
+        with self._lock:
+            soon, self._soon = self._soon, []
+        if soon:
+            publish_now(self.store, self.publisher, soon, self.stop_event)
 
     def run(self) -> None:
         delay = self.interval_s
