@@ -15,6 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Buckets = list[tuple[float, float]]  # (upper bound in seconds, cumulative count)
 STORED = "horizons_produce_to_stored_seconds"
+CHECKPOINT = "horizons_store_checkpoint_seconds"
+CHECKPOINT_BYTES = "horizons_store_checkpoint_wal_bytes"
 
 
 def scrape(port: int) -> str:
@@ -33,6 +35,32 @@ def stored_buckets(text: str) -> dict[str, Buckets]:
                 le = float(sample.labels["le"])  # "+Inf" → inf
                 out.setdefault(sample.labels["group"], []).append((le, sample.value))
     return {g: sorted(b, key=lambda x: x[0]) for g, b in out.items()}
+
+
+def checkpoints(text: str) -> tuple[Buckets, float, float]:
+    """DuckDB checkpoints so far: the commit-time histogram's cumulative buckets, the
+    seconds those commits took in all, and the WAL bytes they wrote."""
+    buckets: Buckets = []
+    total = wal = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == f"{CHECKPOINT}_bucket":
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name == f"{CHECKPOINT}_sum":
+                total = sample.value
+            elif sample.name == f"{CHECKPOINT_BYTES}_total":
+                wal = sample.value
+    return sorted(buckets, key=lambda x: x[0]), total, wal
+
+
+def longest(buckets: Buckets) -> float | None:
+    """The upper bound of the highest non-empty bucket (None when none counted)."""
+    found, previous = None, 0.0
+    for upper, count in buckets:
+        if count > previous:
+            found = upper
+        previous = count
+    return found
 
 
 def between(before: dict[str, Buckets], after: dict[str, Buckets]) -> dict[str, Buckets]:

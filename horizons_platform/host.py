@@ -88,6 +88,7 @@ class Host:
         ensure_topics(self.settings)
         self.metrics = HostMetrics(self.settings, self.store, self.groups)
         self.store.observe = self.metrics.observe_transaction
+        self.store.observe_checkpoint = self.metrics.observe_checkpoint
         if self.settings.metrics_port >= 0:
             try:
                 port = self.metrics.serve(self.settings.metrics_port)

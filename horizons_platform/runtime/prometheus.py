@@ -83,6 +83,18 @@ class HostMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.store_checkpoint_seconds = Histogram(
+            "horizons_store_checkpoint_seconds",
+            "DuckDB checkpoints (the WAL written into the database file): the commit that "
+            "saw each one, which every writer's commit waited for",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_checkpoint_bytes = Counter(
+            "horizons_store_checkpoint_wal_bytes",
+            "WAL bytes written into the database file by checkpoints",
+            registry=r,
+        )
         self.outbox_send_seconds = Histogram(
             "horizons_outbox_send_seconds",
             "One e-mail handed to the SMTP server",
@@ -126,6 +138,10 @@ class HostMetrics:
     def observe_consumed(self, group: str, topics: list[str]) -> None:
         for topic, n in count_by_topic(topics).items():
             self.consumed.labels(group, topic).inc(n)
+
+    def observe_checkpoint(self, wal_bytes: int, seconds: float) -> None:
+        self.store_checkpoint_seconds.observe(seconds)
+        self.store_checkpoint_bytes.inc(wal_bytes)
 
     def observe_transaction(self, seconds: float, thread_name: str) -> None:
         # "store-metrics_0" → "store-metrics": one series per kind of writer.

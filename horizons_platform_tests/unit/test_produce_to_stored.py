@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from horizons_bench import hostmetrics
 from horizons_bench.stats import histogram_quantile
@@ -57,3 +57,26 @@ def test_quantiles_interpolate_within_the_bucket_like_prometheus(q: float, expec
 def test_no_records_no_quantile() -> None:
     assert histogram_quantile([(0.1, 0.0), (math.inf, 0.0)], 0.99) is None
     assert histogram_quantile([], 0.5) is None
+
+
+def test_the_bench_reads_the_hosts_checkpoints_between_two_scrapes() -> None:
+    """The host's checkpoint counters, read back as the latency bench reads them: how
+    many fell in the window, the WAL they wrote and the longest one's bucket."""
+    registry = CollectorRegistry()
+    seconds = Histogram(
+        "horizons_store_checkpoint_seconds", "", buckets=(0.5, 1.0, 2.5), registry=registry
+    )
+    wal = Counter("horizons_store_checkpoint_wal_bytes", "", registry=registry)
+    seconds.observe(0.3)
+    wal.inc(100)
+    before = hostmetrics.checkpoints(generate_latest(registry).decode())
+    seconds.observe(2.2)
+    seconds.observe(0.7)
+    wal.inc(5_000)
+    after = hostmetrics.checkpoints(generate_latest(registry).decode())
+    window = hostmetrics.between({"": before[0]}, {"": after[0]})[""]
+    assert window == [(0.5, 0), (1.0, 1), (2.5, 2), (math.inf, 2)]
+    assert hostmetrics.longest(window) == 2.5
+    assert after[1] - before[1] == pytest.approx(2.9)
+    assert after[2] - before[2] == 5_000
+    assert hostmetrics.longest([(0.5, 0), (math.inf, 0)]) is None

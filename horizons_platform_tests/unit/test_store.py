@@ -333,3 +333,34 @@ def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield node
     for child in node.get("children", []):
         yield from _plan_nodes(child)
+
+
+def test_a_checkpoint_inside_a_commit_is_named_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DuckDB checkpoints inside the COMMIT that takes the WAL past the threshold and says
+    nothing; the owner sees the WAL shrink and reports it once (log line and hook), with
+    the WAL bytes it wrote. Commits below the threshold report nothing."""
+    owner = StoreOwner(Settings(var_dir=tmp_path, store_checkpoint_mb=1), serve=False)
+    owner.open()
+    seen: list[tuple[int, float]] = []
+    owner.observe_checkpoint = lambda wal_bytes, took: seen.append((wal_bytes, took))
+    try:
+        with owner.transaction() as con:
+            con.execute("CREATE TABLE blobs (b BLOB)")
+        small = b"x" * 10_000
+        with owner.transaction() as con:  # ~10 KB of WAL: no checkpoint
+            con.execute("INSERT INTO blobs VALUES (?)", [small])
+        assert seen == []
+        big = [(bytes([i % 251]) * 100_000,) for i in range(15)]  # ~1.5 MB: past 1 MB
+        with caplog.at_level("INFO", logger="horizons_platform.store.owner"):
+            for row in big:
+                with owner.transaction() as con:
+                    con.execute("INSERT INTO blobs VALUES (?)", list(row))
+        assert len(seen) == 1, seen
+        wal_bytes, took = seen[0]
+        assert wal_bytes >= 1_000_000 and took >= 0
+        assert [r for r in caplog.records if "DuckDB checkpoint" in r.getMessage()]
+        assert owner.scalar("SELECT count(*) FROM blobs") == 16  # nothing lost by it
+    finally:
+        owner.close()
