@@ -461,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "store",
         help="inspect the store and its owner",
-        description="The DuckDB store's owner (pid, Quack port), its connected clients "
-        "and the file size. Exit 1 when no owner serves the file.",
+        description="The DuckDB store's owner (pid, Quack port), its connected clients, "
+        "the file size and how near the next checkpoint is (its WAL; every writer waits "
+        "while DuckDB checkpoints). Exit 1 when no owner serves the file.",
     )
     p.add_argument("action", choices=["status"])
     p.set_defaults(func=cmd_store)

@@ -308,11 +308,19 @@ class Store(StoreBase):
     def status(self) -> dict[str, Any]:
         """Owner, Quack port, connected clients and file size, for `horizons store status`."""
         info = self.owner()
-        files = [self.path, self.path.with_name(self.path.name + ".wal")]
-        size = sum(f.stat().st_size for f in files if f.exists())
+        wal = self.path.with_name(self.path.name + ".wal")
+        wal_size = wal.stat().st_size if wal.exists() else 0
+        size = wal_size + (self.path.stat().st_size if self.path.exists() else 0)
+        threshold = self.settings.store_checkpoint_mb
         status: dict[str, Any] = {
             "database": str(self.path),
             "file_size": f"{size / 2**20:,.1f} MiB" if self.path.exists() else "(no file yet)",
+            # Every writer's commit waits while DuckDB checkpoints (docs/decisions.md): how
+            # near the next one is.
+            "wal": f"{wal_size / 2**20:,.1f} MiB; DuckDB checkpoints it into the file at "
+            f"{threshold:,} MiB (HORIZONS_STORE_CHECKPOINT_MB), every writer waiting meanwhile"
+            if self.path.exists()
+            else "(no file yet)",
             "owner_pid": info.pid if info else None,
             "serving": f"{info.uri} (token in {self.settings.store_file})" if info else None,
             "started_at": info.started_at if info else None,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,6 +93,9 @@ def test_store_json_is_private_and_names_the_owner(
     assert status.returncode == 0, status.stderr
     assert str(proc.pid) in status.stdout and f"quack:127.0.0.1:{info.port}" in status.stdout
     assert "connected" in status.stdout
+    assert re.search(
+        r"^wal\s+[\d.]+ MiB; DuckDB checkpoints it into the file at 256 MiB", status.stdout, re.M
+    ), status.stdout
 
 
 def test_a_stopped_owner_is_named_instead_of_waited_on(
