@@ -32,6 +32,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from horizons_bench import hostmetrics
@@ -55,7 +56,7 @@ from horizons_platform.kafka.broker import listener_pid
 from horizons_platform.services.registry import group_topics
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.client import Store
-from horizons_platform.store.owner import free_port
+from horizons_platform.store.owner import free_port, wal_bytes
 from horizons_platform.waiting import wait_until
 
 STORED_TARGET = Target("le", 150)
@@ -191,7 +192,7 @@ def run(
             scraped = hostmetrics.scrape(metrics_port)
             stored_before = hostmetrics.stored_buckets(scraped)
             checkpoints_before = hostmetrics.checkpoints(scraped)
-            wal_before = _wal_size(settings)
+            wal_before = wal_bytes(Path(settings.database))
             started = time.monotonic()
             send(publisher, lambda n, total: ctx.progress.status(f"latency: sent {n:,}/{total:,}"))
             achieved = ledger.total / (time.monotonic() - started)
@@ -205,14 +206,14 @@ def run(
                     smtp.distinct() >= warm.terminal + ledger.terminal
                 )
 
-            window_s = time.monotonic() - started
-            wal_after = _wal_size(settings)
-            checkpoints_after = hostmetrics.checkpoints(hostmetrics.scrape(metrics_port))
             wait_until(drained, timeout=300, interval=0.5, what="consumers and e-mails")
             watcher.stop()
-            stored = hostmetrics.between(
-                stored_before, hostmetrics.stored_buckets(hostmetrics.scrape(metrics_port))
-            )
+            # One scrape for the p99s and the checkpoints: the same window, drain included.
+            scraped = hostmetrics.scrape(metrics_port)
+            window_s = time.monotonic() - started
+            wal_after = wal_bytes(Path(settings.database))
+            stored = hostmetrics.between(stored_before, hostmetrics.stored_buckets(scraped))
+            checkpoints_after = hostmetrics.checkpoints(scraped)
         finally:
             host.stop()
 
@@ -352,13 +353,6 @@ def _p99(
     )
 
 
-def _wal_size(settings: Settings) -> int:
-    try:
-        return os.stat(f"{settings.database}.wal").st_size
-    except OSError:
-        return 0
-
-
 def _checkpoint_note(
     settings: Settings,
     before: tuple[hostmetrics.Buckets, float, float],
@@ -372,17 +366,17 @@ def _checkpoint_note(
     buckets = hostmetrics.between({"": before[0]}, {"": after[0]})[""]
     count = int(buckets[-1][1]) if buckets else 0
     written = after[2] - before[2]
-    per_s = (wal_growth + written) / window_s if window_s > 0 else 0.0
-    every = settings.store_checkpoint_mb * 2**20 / per_s if per_s > 0 else float("inf")
+    per_s = max(0.0, wal_growth + written) / window_s if window_s > 0 else 0.0
+    every = settings.store_checkpoint_mb * 1e6 / per_s if per_s > 0 else float("inf")
     pace = (
-        f"the WAL grew {per_s / 2**20:.2f} MB/s: one checkpoint every ~{every:.0f} s "
+        f"the WAL grew {per_s / 1e6:.2f} MB/s: one checkpoint every ~{every:.0f} s "
         f"at HORIZONS_STORE_CHECKPOINT_MB={settings.store_checkpoint_mb}"
     )
     if not count:
         return f"no DuckDB checkpoint in the window ({pace}; a longer --seconds includes one)"
     longest = hostmetrics.longest(buckets)
     return (
-        f"{count} DuckDB checkpoint(s) in the window, {written / 2**20:.0f} MB of WAL; the "
+        f"{count} DuckDB checkpoint(s) in the window, {written / 1e6:.0f} MB of WAL; the "
         f"commits that saw them took {after[1] - before[1]:.2f} s (the longest ≤ {longest} s), "
         f"and every group's commits waited for them: the p99s include that ({pace})"
     )

@@ -37,7 +37,7 @@ from horizons_platform.store.endpoint import (
     stopped_owner,
 )
 from horizons_platform.store.extensions import load_extensions
-from horizons_platform.store.owner import local_owner, lock_holder, process_name
+from horizons_platform.store.owner import local_owner, lock_holder, process_name, wal_bytes
 from horizons_platform.store.sql import inline, literal
 
 log = logging.getLogger(__name__)
@@ -308,19 +308,12 @@ class Store(StoreBase):
     def status(self) -> dict[str, Any]:
         """Owner, Quack port, connected clients and file size, for `horizons store status`."""
         info = self.owner()
-        wal = self.path.with_name(self.path.name + ".wal")
-        wal_size = wal.stat().st_size if wal.exists() else 0
+        wal_size = wal_bytes(self.path)
         size = wal_size + (self.path.stat().st_size if self.path.exists() else 0)
-        threshold = self.settings.store_checkpoint_mb
         status: dict[str, Any] = {
             "database": str(self.path),
             "file_size": f"{size / 2**20:,.1f} MiB" if self.path.exists() else "(no file yet)",
-            # Every writer's commit waits while DuckDB checkpoints (docs/decisions.md): how
-            # near the next one is.
-            "wal": f"{wal_size / 2**20:,.1f} MiB; DuckDB checkpoints it into the file at "
-            f"{threshold:,} MiB (HORIZONS_STORE_CHECKPOINT_MB), every writer waiting meanwhile"
-            if self.path.exists()
-            else "(no file yet)",
+            "wal": f"{wal_size / 2**20:,.1f} MiB" if self.path.exists() else "(no file yet)",
             "owner_pid": info.pid if info else None,
             "serving": f"{info.uri} (token in {self.settings.store_file})" if info else None,
             "started_at": info.started_at if info else None,
@@ -330,6 +323,13 @@ class Store(StoreBase):
             status["problem"] = stopped_owner(info)
         elif info is not None:
             with self.reader() as con:
+                # Every writer's commit waits while DuckDB checkpoints (docs/decisions.md):
+                # how near the next one is, by the owner's own threshold.
+                threshold = con.execute("SELECT current_setting('checkpoint_threshold')")
+                status["wal"] += (
+                    f"; DuckDB checkpoints it into the file at {threshold.fetchall()[0][0]} "
+                    "(HORIZONS_STORE_CHECKPOINT_MB), every writer waiting meanwhile"
+                )
                 result = con.execute(_CLIENTS_QUERY)
                 columns = [d[0] for d in result.description]
                 status["clients"] = [

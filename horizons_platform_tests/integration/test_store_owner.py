@@ -94,7 +94,7 @@ def test_store_json_is_private_and_names_the_owner(
     assert str(proc.pid) in status.stdout and f"quack:127.0.0.1:{info.port}" in status.stdout
     assert "connected" in status.stdout
     assert re.search(
-        r"^wal\s+[\d.]+ MiB; DuckDB checkpoints it into the file at 256 MiB", status.stdout, re.M
+        r"^wal\s+[\d.]+ MiB; DuckDB checkpoints it into the file at 244.1 MiB", status.stdout, re.M
     ), status.stdout
 
 
