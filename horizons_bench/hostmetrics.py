@@ -24,33 +24,36 @@ def scrape(port: int) -> str:
         return str(response.read().decode())
 
 
-def stored_buckets(text: str) -> dict[str, Buckets]:
-    """Per group, the produce → stored histogram's cumulative buckets."""
+def histogram(text: str, name: str, by: str | None = None) -> dict[str, Buckets]:
+    """A histogram's cumulative buckets per value of its label ``by`` (one series, keyed
+    "", without one)."""
     out: dict[str, Buckets] = {}
     for family in text_string_to_metric_families(text):
-        if family.name != STORED:
+        if family.name != name:
             continue
         for sample in family.samples:
-            if sample.name == f"{STORED}_bucket":
+            if sample.name == f"{name}_bucket":
                 le = float(sample.labels["le"])  # "+Inf" → inf
-                out.setdefault(sample.labels["group"], []).append((le, sample.value))
-    return {g: sorted(b, key=lambda x: x[0]) for g, b in out.items()}
+                out.setdefault(sample.labels[by] if by else "", []).append((le, sample.value))
+    return {key: sorted(b, key=lambda x: x[0]) for key, b in out.items()}
+
+
+def stored_buckets(text: str) -> dict[str, Buckets]:
+    """Per group, the produce → stored histogram's cumulative buckets."""
+    return histogram(text, STORED, by="group")
 
 
 def checkpoints(text: str) -> tuple[Buckets, float, float]:
     """DuckDB checkpoints so far: the commit-time histogram's cumulative buckets, the
     seconds those commits took in all, and the WAL bytes they wrote."""
-    buckets: Buckets = []
     total = wal = 0.0
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == f"{CHECKPOINT}_bucket":
-                buckets.append((float(sample.labels["le"]), sample.value))
-            elif sample.name == f"{CHECKPOINT}_sum":
+            if sample.name == f"{CHECKPOINT}_sum":
                 total = sample.value
             elif sample.name == f"{CHECKPOINT_BYTES}_total":
                 wal = sample.value
-    return sorted(buckets, key=lambda x: x[0]), total, wal
+    return histogram(text, CHECKPOINT).get("", []), total, wal
 
 
 def longest(buckets: Buckets) -> float | None:
@@ -64,12 +67,14 @@ def longest(buckets: Buckets) -> float | None:
 
 
 def between(before: dict[str, Buckets], after: dict[str, Buckets]) -> dict[str, Buckets]:
-    """What was counted between two scrapes (the measured window only)."""
-    out: dict[str, Buckets] = {}
-    for group, buckets in after.items():
-        earlier = dict(before.get(group, []))
-        out[group] = [(le, count - earlier.get(le, 0.0)) for le, count in buckets]
-    return out
+    """What was counted between two scrapes (the measured window only), per series."""
+    return {key: window(before.get(key, []), buckets) for key, buckets in after.items()}
+
+
+def window(before: Buckets, after: Buckets) -> Buckets:
+    """One series' buckets counted between two scrapes."""
+    earlier = dict(before)
+    return [(le, count - earlier.get(le, 0.0)) for le, count in after]
 
 
 def bucket_width_at(buckets: Buckets, value_s: float) -> float:

@@ -363,7 +363,7 @@ def _checkpoint_note(
     """Whether a DuckDB checkpoint fell in the window. Each one holds every group's commits
     for the time it takes (2.3 s for 256 MB here), so a window with one and a window
     without one measure different things: say which this was, and how often one comes."""
-    buckets = hostmetrics.between({"": before[0]}, {"": after[0]})[""]
+    buckets = hostmetrics.window(before[0], after[0])
     count = int(buckets[-1][1]) if buckets else 0
     written = after[2] - before[2]
     per_s = max(0.0, wal_growth + written) / window_s if window_s > 0 else 0.0

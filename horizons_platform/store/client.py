@@ -325,9 +325,11 @@ class Store(StoreBase):
             with self.reader() as con:
                 # Every writer's commit waits while DuckDB checkpoints (docs/decisions.md):
                 # how near the next one is, by the owner's own threshold.
-                threshold = con.execute("SELECT current_setting('checkpoint_threshold')")
+                threshold = con.execute(
+                    "SELECT current_setting('checkpoint_threshold')"
+                ).fetchall()[0][0]
                 status["wal"] += (
-                    f"; DuckDB checkpoints it into the file at {threshold.fetchall()[0][0]} "
+                    f"; DuckDB checkpoints it into the file at {threshold} "
                     "(HORIZONS_STORE_CHECKPOINT_MB), every writer waiting meanwhile"
                 )
                 result = con.execute(_CLIENTS_QUERY)
