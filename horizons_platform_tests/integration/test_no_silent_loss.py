@@ -16,14 +16,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from horizons_bench.harness import derive, free_port_block
 from horizons_bench.smtp import SmtpSink
 from horizons_platform import events as ev
 from horizons_platform.host import Host
-from horizons_platform.kafka.admin import end_offsets, ensure_topics
+from horizons_platform.kafka.admin import end_offsets, ensure_topics, list_watermarks
 from horizons_platform.kafka.broker import EmbeddedBroker
 from horizons_platform.kafka.consumer import EXIT_OFFSETS, EXIT_OK, EXIT_STORE, ConsumerLoop
 from horizons_platform.kafka.producer import Publisher
@@ -280,9 +280,23 @@ def test_messages_deleted_before_the_group_read_them_raise_an_alert_with_the_cou
     topic = settings.topic_job_lifecycle
     ends = end_offsets(settings, [topic])
     admin = AdminClient(settings.kafka_config())
-    futures = admin.delete_records([TopicPartition(t, p, o) for (t, p), o in ends.items()])
+    # Retention deletes on each replica by itself, and the group reads from the leaders.
+    # So the leaders' log start is what must move: waiting for every follower to confirm
+    # its own (operation_timeout > 0) once took a loaded 3-node cluster over 30 s.
+    futures = admin.delete_records(
+        [TopicPartition(t, p, o) for (t, p), o in ends.items()], operation_timeout=0
+    )
     for future in futures.values():
-        future.result(30)
+        try:
+            future.result(30)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.REQUEST_TIMED_OUT:  # followers still due
+                raise
+    wait_until(
+        lambda: {tp: low for tp, (low, _) in list_watermarks(admin, list(ends)).items()} == ends,
+        60,
+        what="the leaders to delete the records",
+    )
 
     host_factory(settings, (AUDITOR,))
     last = run_jobs(settings, "later", 2)
