@@ -29,10 +29,11 @@ BENCHMARKS: dict[str, str] = {
     "cluster": "produce and end-to-end throughput on 1 vs 3 Kafka brokers, in the same run",
     "audit": "verify-audit on a large trail: the full run's records/s, then after 1,000 new",
     "transactions": "one batch's DuckDB transaction per service, without a broker (ms)",
+    "checkpoint": "how long a DuckDB checkpoint holds every writer, by events stored (s)",
 }
 ALL_ORDER = (
     "ingest", "latency", "query", "outbox", "burst", "memory", "soak", "faults", "failover",
-    "cluster", "audit", "transactions",
+    "cluster", "audit", "transactions", "checkpoint",
 )  # fmt: skip
 
 EPILOG = """\
@@ -188,9 +189,40 @@ def add_bench_command(sub: argparse._SubParsersAction) -> None:
     )
     _common(p)
 
+    p = _parser(bench, "checkpoint")
+    p.add_argument(
+        "--events",
+        type=int,
+        default=50_000,
+        help="events whose rows one timed checkpoint writes (default 50,000: ~50 s of "
+        "a 1,000 events/s stream)",
+    )
+    p.add_argument(
+        "--sizes",
+        type=_counts,
+        default=(0, 1_000_000),
+        help="events stored before each timed checkpoint, comma-separated (default "
+        "0,1000000: a fresh store, then ~17 minutes of 1,000 events/s)",
+    )
+    p.add_argument("--batch", type=int, default=500, help="messages per batch (default 500)")
+    _common(p)
+
     p = bench.add_parser("all", help="every benchmark above with its defaults", epilog=EPILOG)
     _common(p)
     parser.set_defaults(func=cmd_bench)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """``"0,1000000"`` → (0, 1000000); underscores allowed (1_000_000)."""
+    try:
+        counts = tuple(int(part) for part in text.replace("_", "").split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of counts: {text!r}"
+        ) from None
+    if not counts or min(counts) < 0:
+        raise argparse.ArgumentTypeError(f"counts must be 0 or more: {text!r}")
+    return counts
 
 
 def _kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,14 +1,16 @@
 """`horizons bench transactions` times each service's real batch path, and says so when a
-batch did not go through it (dead-lettered or failed) instead of timing that."""
+batch did not go through it (dead-lettered or failed) instead of timing that;
+`horizons bench checkpoint` times a checkpoint of that path's rows by store size."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from horizons_bench import transactions
+from horizons_bench import checkpoint, transactions
 from horizons_bench.harness import BenchContext, Progress
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import Settings
@@ -50,3 +52,15 @@ def _all_invalid(decode):  # type: ignore[no-untyped-def]
         return decode(topics, partitions, offsets, keys, [b"{" for _ in values], timestamps)
 
     return wrapped
+
+
+def test_the_checkpoint_bench_times_one_checkpoint_per_store_size(ctx: BenchContext) -> None:
+    result = checkpoint.run(ctx, events=800, sizes=(4_000,), batch=200)
+    assert result.passed, result.notes
+    fresh, grown = result.figures
+    assert "0 stored before" in fresh.name
+    found = re.search(r"([\d,]+) stored before", grown.name)
+    assert found is not None and int(found.group(1).replace(",", "")) >= 4_000
+    for figure in (fresh, grown):
+        assert figure.value is not None and figure.value > 0
+        assert "MB of WAL" in figure.note
