@@ -4,8 +4,9 @@ much the store already holds.
 A checkpoint takes DuckDB's checkpoint lock exclusively, and every write transaction
 takes it shared at its first write: while one runs, no group commits (docs/kpis.md).
 DuckDB 1.5.5 also writes each changed table's ART index — every PRIMARY KEY and UNIQUE
-constraint is one — in full at each checkpoint (duckdb/duckdb#24848), so the wait grows
-with the rows stored, not with the rows written since the last checkpoint.
+constraint is one — at every checkpoint, each node an insert touched: with random keys
+nearly all of it (duckdb/duckdb#24848), so the wait grew with the rows stored; with the
+time-ordered keys the platform mints (ids.py), only the index's newest edge.
 
 This measures that without a broker: the orchestrator's messages for ``--events`` events
 (captured, not produced) go through the four handlers and the loop's Checkpoint into a
@@ -35,9 +36,11 @@ STALL_TARGET = Target("le", 1.0)  # s
 # About four messages per simulated job (its lifecycle events and its metrics).
 EVENTS_PER_JOB = 4
 # Copied with fresh keys to grow the store: the per-event tables, then the per-job ones
-# (a quarter of the events' rows); the key expression replaces the key column.
+# (a quarter of the events' rows); the key expression replaces the key column. The keys
+# are time-ordered, as the platform mints them (ids.py): random ones would make every
+# checkpoint write the whole of each index.
 _GROWN: tuple[tuple[str, str, float], ...] = (
-    ("job_events", "uuid()::VARCHAR AS event_id", 1.0),
+    ("job_events", "uuidv7()::VARCHAR AS event_id", 1.0),
     # Past every seq and offset stored, and past any offset the stream reaches.
     (
         "audit_log",
@@ -45,9 +48,9 @@ _GROWN: tuple[tuple[str, str, float], ...] = (
         '"offset" + (SELECT 1e12 + max("offset") FROM audit_log)::BIGINT AS "offset"',
         1.0,
     ),
-    ("notifications", "uuid()::VARCHAR AS notification_id", 0.25),
-    ("job_metrics", "uuid()::VARCHAR AS event_id", 0.25),
-    ("jobs", "uuid()::VARCHAR AS job_id", 0.25),
+    ("notifications", "uuidv7()::VARCHAR AS notification_id", 0.25),
+    ("job_metrics", "uuidv7()::VARCHAR AS event_id", 0.25),
+    ("jobs", "uuidv7()::VARCHAR AS job_id", 0.25),
 )
 
 

@@ -18,6 +18,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "settings",
         "events",
+        "ids",
         "tracing",
         "logs",
         "progress",
