@@ -391,7 +391,9 @@ class AuditHandler(Handler):
         # Signed heads (services/signing.py): the last one signed, and whether anything
         # but our own published heads arrived since (else a head would beget a head).
         self._signer: Ed25519PrivateKey | None = None
-        self._signed: tuple[int, float] = (0, 0.0)  # (seq, monotonic time)
+        # (seq, monotonic time); never signed: the first head is due at once, however
+        # long the machine has been up (monotonic time counts from its boot).
+        self._signed: tuple[int, float] = (0, float("-inf"))
         # The head signed in the batch being written: (seq, time, publication id).
         self._signing: tuple[int, float, str] | None = None
         self._events_since_head = False

@@ -173,6 +173,17 @@ def test_the_auditor_chains_every_record_across_batches(store: Store) -> None:
     assert [d.offset for d in sent] == [1]
 
 
+def test_the_first_batch_signs_a_head_however_long_the_interval(tmp_path: Path) -> None:
+    # The interval counts from the last head; before the first there is none. (It once
+    # counted from monotonic zero, the machine's boot: on a machine up for less than
+    # the interval, the first head waited — and a CI test with it.)
+    settings = Settings(var_dir=tmp_path / "var", audit_head_interval_s=10**9)  # type: ignore[call-arg]
+    store = Store(settings)
+    store.ensure_schema()
+    _checkpoint(AuditHandler(settings), store, []).commit(_batch([_event("a"), _event("b")]))
+    assert store.query("SELECT seq FROM audit_heads")[1] == [(2,)]
+
+
 def test_a_chain_prepared_on_a_stale_tail_is_chained_again(store: Store) -> None:
     sent: list[DeadLetter] = []
     first = _checkpoint(AuditHandler(store.settings), store, sent)
