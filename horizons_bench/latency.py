@@ -377,6 +377,7 @@ def _checkpoint_note(
     longest = hostmetrics.longest(buckets)
     return (
         f"{count} DuckDB checkpoint(s) in the window, {written / 1e6:.0f} MB of WAL; the "
-        f"commits that saw them took {after[1] - before[1]:.2f} s (the longest ≤ {longest} s), "
-        f"and every group's commits waited for them: the p99s include that ({pace})"
+        f"transactions that saw them took {after[1] - before[1]:.2f} s (the longest ≤ "
+        f"{longest} s), and every group's transactions waited for them: the p99s include "
+        f"that ({pace})"
     )

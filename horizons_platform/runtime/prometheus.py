@@ -85,8 +85,8 @@ class HostMetrics:
         )
         self.store_checkpoint_seconds = Histogram(
             "horizons_store_checkpoint_seconds",
-            "DuckDB checkpoints (the WAL written into the database file): the commit that "
-            "saw each one, which every writer's commit waited for",
+            "DuckDB checkpoints (the WAL written into the database file): the transaction "
+            "that saw each one, BEGIN to COMMIT; every writer's transaction waited for it",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )

@@ -262,29 +262,34 @@ class StoreOwner(StoreBase):
 
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        began = time.monotonic()
         with in_transaction(self.cursor()) as cur:
             yield cur
-            committing = time.monotonic()  # in_transaction's COMMIT follows
         try:
-            self._after_commit(time.monotonic() - committing)
+            self._after_commit(time.monotonic() - began)
         except Exception:  # the transaction is committed whatever its report does
             log.exception("could not check the WAL after a commit")
 
     def _after_commit(self, took: float) -> None:
         """Name DuckDB's checkpoints. One runs inside whichever COMMIT takes the WAL past
-        ``checkpoint_threshold`` and holds every writer's commit until it is done (2.3 s
-        for 256 MB here, every ~3 minutes at 1,000 events/s: the steady state's p99), so
-        an operator sees all groups stall at once. DuckDB says nothing of it; the WAL
-        shrinking between two commits does, and the first commit to see that reports it.
-        (One a Quack client's commit triggered is reported by the host's next commit.)"""
+        ``checkpoint_threshold``, holding DuckDB's checkpoint lock, which every write
+        transaction takes (shared) at its first write: every writer waits until it is
+        done (~1.4 s for 256 MB here, every ~2.5 minutes at 1,000 events/s), so an
+        operator sees all groups stall at once. DuckDB says nothing of it; the WAL
+        shrinking between two commits does, and the first transaction to see that
+        reports how long it took, BEGIN to COMMIT: the checkpointing one spent it in its
+        COMMIT, any other in its first write, and the first to finish is often not the
+        checkpointing one. (One a Quack client's commit triggered is reported by the
+        host's next transaction.)"""
         with self._wal_lock:  # stat and update together: the WAL only shrinks in a checkpoint
             size = wal_bytes(self.path)
             written, self._wal_seen = self._wal_seen, size
         if size >= written:
             return
         log.info(
-            "DuckDB checkpoint: %.0f MB of WAL written into %s; this commit waited %.2fs "
-            "(every writer waits for a checkpoint; HORIZONS_STORE_CHECKPOINT_MB sets how often)",
+            "DuckDB checkpoint: %.0f MB of WAL written into %s; the transaction that saw it "
+            "took %.2fs (every writer waits for a checkpoint; HORIZONS_STORE_CHECKPOINT_MB "
+            "sets how often)",
             written / 1e6,
             self.path.name,
             took,
