@@ -12,13 +12,13 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from datetime import UTC, datetime
 
 import pyarrow as pa
 
 from horizons_bench.harness import HOST, BenchContext
 from horizons_bench.report import BenchResult, Figure, Target
+from horizons_platform.ids import uuid7
 from horizons_platform.runtime.outbox import OutboxDispatcher
 from horizons_platform.services.notifications import message_id, notification_id
 from horizons_platform.store.owner import StoreOwner, free_port
@@ -29,11 +29,13 @@ RATE_TARGET = Target("ge", 1000)  # e-mails/s to a loopback SMTP server, sustain
 
 def _fill(owner: StoreOwner, emails: int) -> None:
     now = datetime.now(UTC)
-    ids = [notification_id(str(uuid.uuid4()), "completed") for _ in range(emails)]
+    # Ids as the platform mints them (time-ordered: ids.py).
+    events = [str(uuid7()) for _ in range(emails)]
+    ids = [notification_id(event_id, "completed") for event_id in events]
     notifications = pa.table(
         {
             "notification_id": ids,
-            "event_id": [str(uuid.uuid4()) for _ in ids],
+            "event_id": events,
             "job_id": [f"bench-{i}" for i in range(emails)],
             "kind": ["completed"] * emails,
             "recipient": [f"owner-{i % 500}@observatory.example" for i in range(emails)],
@@ -46,7 +48,11 @@ def _fill(owner: StoreOwner, emails: int) -> None:
             "next_attempt_at": [now] * emails,
         }
     )
-    queue = pa.table({"notification_id": ids, "next_attempt_at": [now] * emails})
+    # The queue keeps its notification's created_at: every claim joins on it (schema.py,
+    # migration 7), and a queue row without it is never claimed.
+    queue = pa.table(
+        {"notification_id": ids, "next_attempt_at": [now] * emails, "created_at": [now] * emails}
+    )
     with owner.transaction() as con:
         con.register("_n", notifications)
         con.execute("INSERT INTO notifications BY NAME SELECT * FROM _n")

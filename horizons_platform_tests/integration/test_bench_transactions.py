@@ -1,6 +1,7 @@
 """`horizons bench transactions` times each service's real batch path, and says so when a
 batch did not go through it (dead-lettered or failed) instead of timing that;
-`horizons bench checkpoint` times a checkpoint of that path's rows by store size."""
+`horizons bench checkpoint` times a checkpoint of that path's rows by store size;
+`horizons bench outbox` sends what it queued (it once queued rows no claim could find)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from horizons_bench import checkpoint, transactions
+from horizons_bench import checkpoint, outbox, transactions
 from horizons_bench.harness import BenchContext, Progress
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import Settings
@@ -64,3 +65,11 @@ def test_the_checkpoint_bench_times_one_checkpoint_per_store_size(ctx: BenchCont
     for figure in (fresh, grown):
         assert figure.value is not None and figure.value > 0
         assert "MB of WAL" in figure.note
+
+
+def test_the_outbox_bench_sends_every_e_mail_it_queued(ctx: BenchContext) -> None:
+    result = outbox.run(ctx, emails=300)
+    figures = {f.name: f for f in result.figures}
+    assert figures["not sent at the end"].value == 0
+    rate = figures["e-mails sent"].value
+    assert rate is not None and rate > 0
