@@ -22,9 +22,9 @@ from typing import Any
 
 from horizons_bench.harness import BenchContext
 from horizons_bench.report import BenchResult, Figure, Target
+from horizons_bench.transactions import batches, stored_every_one
 from horizons_bench.workload import Recorder
 from horizons_platform.kafka.checkpoint import Checkpoint
-from horizons_platform.kafka.records import Batch
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import Settings
@@ -69,7 +69,7 @@ def run(
     settings = ctx.settings("checkpoint", store_checkpoint_mb=1_000_000)
     store = StoreOwner(settings, serve=False)
     store.open()
-    offsets: dict[tuple[str, str], int] = {}
+    offsets: dict[str, dict[str, int]] = {}  # group → topic → next offset
     try:
         for n, size in enumerate(sizes):
             stored = _count(store)
@@ -124,7 +124,7 @@ def _store_stream(
     store: StoreOwner,
     messages: list[tuple[str, bytes]],
     batch: int,
-    offsets: dict[tuple[str, str], int],
+    offsets: dict[str, dict[str, int]],
 ) -> bool:
     """Every group's batches of ``messages`` through its handler and the loop's
     Checkpoint, offsets going on from the last round's; False (and the run failed) when
@@ -134,25 +134,9 @@ def _store_stream(
         topics = set(handler.topics())
         mine = [(t, v) for t, v in messages if t in topics]
         checkpoint = Checkpoint(handler, store, send_dead_letters=lambda _: None)
-        for start in range(0, len(mine), batch):
-            chunk = mine[start : start + batch]
-            chunk_offsets = []
-            for topic, _ in chunk:
-                chunk_offsets.append(offsets.get((group, topic), 0))
-                offsets[(group, topic)] = chunk_offsets[-1] + 1
-            n = len(chunk)
-            decoded = Batch.decode(
-                [t for t, _ in chunk], [0] * n, chunk_offsets, [None] * n,
-                [v for _, v in chunk], [0] * n,
-            )  # fmt: skip
+        for decoded in batches(mine, batch, offsets.setdefault(group, {})):
             checkpoint.commit(decoded, checkpoint.prepare(decoded))
-        counters = checkpoint.counters
-        if counters.processed != len(mine) or counters.errors or counters.dead_letters:
-            result.passed = False
-            result.notes.append(
-                f"{group}: {counters.processed:,} of {len(mine):,} processed, "
-                f"{counters.errors} errors, {counters.dead_letters} dead letters"
-            )
+        if not stored_every_one(result, group, checkpoint, len(mine)):
             return False
     return True
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import statistics
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -92,23 +93,7 @@ def _time_groups(
         checkpoint = Checkpoint(handler, store, send_dead_letters=lambda _: None)
         prepare_s: list[float] = []
         commit_s: list[float] = []
-        offsets: dict[str, int] = {}
-        for start in range(0, len(messages), batch):
-            chunk = messages[start : start + batch]
-            n = len(chunk)
-            chunk_topics = [t for t, _ in chunk]
-            chunk_offsets = []
-            for topic in chunk_topics:
-                chunk_offsets.append(offsets.get(topic, 0))
-                offsets[topic] = chunk_offsets[-1] + 1
-            decoded = Batch.decode(
-                chunk_topics,
-                [0] * n,
-                chunk_offsets,
-                [None] * n,
-                [v for _, v in chunk],
-                [0] * n,
-            )
+        for decoded in batches(messages, batch, {}):
             t0 = time.perf_counter()
             rows = checkpoint.prepare(decoded)
             t1 = time.perf_counter()
@@ -116,20 +101,48 @@ def _time_groups(
             t2 = time.perf_counter()
             prepare_s.append(t1 - t0)
             commit_s.append(t2 - t1)
-        counters = checkpoint.counters
-        if counters.processed != len(messages) or counters.errors or counters.dead_letters:
-            # A batch that failed or was dead-lettered would time something else.
-            result.passed = False
-            result.notes.append(
-                f"{group}: {counters.processed:,} of {len(messages):,} processed, "
-                f"{counters.errors} errors, {counters.dead_letters} dead letters"
-            )
+        # A batch that failed or was dead-lettered would time something else.
+        stored_every_one(result, group, checkpoint, len(messages))
         half = len(commit_s) // 2
         prep = statistics.median(prepare_s[half:]) * 1000
         commit = statistics.median(commit_s[half:]) * 1000
         note = f"{len(commit_s):,} batches of {batch}; handler's columns {prep:.2f} ms"
         result.add(Figure(f"{group}: one batch's transaction", commit, "ms", note=note))
         ctx.progress.say(f"transactions: {group} {commit:.2f} ms per batch of {batch}")
+
+
+def batches(
+    messages: list[tuple[str, bytes]], size: int, offsets: dict[str, int]
+) -> Iterator[Batch]:
+    """``messages`` (topic, value) decoded in batches of ``size``, as the loop polls them:
+    partition 0, each topic's offsets going on from ``offsets`` (which they update)."""
+    for start in range(0, len(messages), size):
+        chunk = messages[start : start + size]
+        chunk_offsets = []
+        for topic, _ in chunk:
+            chunk_offsets.append(offsets.get(topic, 0))
+            offsets[topic] = chunk_offsets[-1] + 1
+        n = len(chunk)
+        yield Batch.decode(
+            [t for t, _ in chunk], [0] * n, chunk_offsets, [None] * n,
+            [v for _, v in chunk], [0] * n,
+        )  # fmt: skip
+
+
+def stored_every_one(
+    result: BenchResult, group: str, checkpoint: Checkpoint, expected: int
+) -> bool:
+    """Whether all ``expected`` messages went through ``group``'s handler into its
+    tables; if not, the run failed, and a note says how many did not."""
+    counters = checkpoint.counters
+    if counters.processed == expected and not counters.errors and not counters.dead_letters:
+        return True
+    result.passed = False
+    result.notes.append(
+        f"{group}: {counters.processed:,} of {expected:,} processed, "
+        f"{counters.errors} errors, {counters.dead_letters} dead letters"
+    )
+    return False
 
 
 def _history(con: Any, rows: int, jobs: int) -> None:
