@@ -98,9 +98,9 @@ def run(
     finally:
         store.close()
     result.notes.append(
-        "every group's commits wait for a whole checkpoint (DuckDB's checkpoint lock); "
-        "DuckDB 1.5.5 writes each changed table's ART index in full at each one "
-        "(duckdb/duckdb#24848)"
+        "every group's transactions wait for a whole checkpoint (DuckDB's checkpoint "
+        "lock); DuckDB 1.5.5 writes every ART index node an insert touched, so random "
+        "keys make it grow with the store (duckdb/duckdb#24848)"
     )
     result.notes.append(
         "a StoreOwner on a fresh file, no broker; the store grown by copies of its own "

@@ -361,7 +361,7 @@ def _checkpoint_note(
     window_s: float,
 ) -> str:
     """Whether a DuckDB checkpoint fell in the window. Each one holds every group's commits
-    for the time it takes (2.3 s for 256 MB here), so a window with one and a window
+    for the time it takes (~1.4 s for 256 MB here), so a window with one and a window
     without one measure different things: say which this was, and how often one comes."""
     buckets = hostmetrics.window(before[0], after[0])
     count = int(buckets[-1][1]) if buckets else 0

@@ -14,13 +14,13 @@ import logging
 import os
 import socket
 import threading
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from confluent_kafka import KafkaException
 
 from horizons_platform import events as ev
+from horizons_platform.ids import uuid7
 from horizons_platform.kafka.admin import PartitionLag, group_lag, under_replicated
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.runtime.publications import enqueue, enqueue_audit, publish_now
@@ -140,7 +140,7 @@ def apply_evaluations(
         todo = rules.transitions(evaluations, {(r, s): a for r, s, a in open_rows})
         raised = [
             {
-                "alert_id": str(uuid.uuid4()),
+                "alert_id": str(uuid7()),
                 "rule": e.rule,
                 "severity": e.severity,
                 "subject": e.subject,

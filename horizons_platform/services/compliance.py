@@ -10,12 +10,12 @@ policy, and carries the signing key and the newest signed head.
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 
+from horizons_platform.ids import uuid7
 from horizons_platform.services.audit_verify import TrailReport, verify_trail
 from horizons_platform.services.keys import load_or_create_private, load_public
 from horizons_platform.services.signing import key_id, public_pem, sign_checkpoint
@@ -80,7 +80,7 @@ def run_retention(
         "ORDER BY created_at DESC, checkpoint_id DESC LIMIT 1"
     ).fetchall()
     checkpoint: dict[str, Any] = {
-        "checkpoint_id": str(uuid.uuid4()),
+        "checkpoint_id": str(uuid7()),
         "created_at": now,
         "cutoff": cutoff,
         "removed_count": len(expired),
@@ -166,7 +166,7 @@ def build_report(
         status = "overdue: " + ", ".join(f"{t} {n} rows" for t, n in late.items())
     head = chain.newest_head
     return {
-        "report_id": str(uuid.uuid4()),
+        "report_id": str(uuid7()),
         "generated_at": now,
         "total_events": total,
         "valid_events": valid,
