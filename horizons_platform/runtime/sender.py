@@ -255,8 +255,13 @@ class _Pool:
 
 
 def main() -> None:
-    # Ctrl-C reaches the whole process group; the host decides when the sender stops.
+    # Ctrl-C reaches the whole process group, and `horizons up`, like a service manager,
+    # stops the host with a SIGTERM to the group: the host decides when the sender stops
+    # (it lets each session finish its message). Killed at SIGTERM, the sender took its
+    # e-mails in flight with it, and a clean stop logged an error and sent them again.
+    # A host that dies instead closes the sender's stdin: it exits then.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     inp = sys.stdin.buffer
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # a stray print cannot corrupt the frames

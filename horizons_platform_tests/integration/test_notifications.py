@@ -7,6 +7,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import signal
 import ssl
 import sys
 import threading
@@ -35,6 +36,7 @@ from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
 from horizons_platform.store.owner import StoreOwner
 from horizons_platform.waiting import wait_until
+from horizons_platform_tests.support import start_consumer, stop_consumer
 
 HOSTILE_OWNER = "ops@example.org\r\nBcc: victim@evil.example"
 
@@ -147,6 +149,43 @@ def test_a_refused_recipient_fails_alone_and_a_deferred_one_is_retried(
         assert all(by_owner[o][:2] == ("sent", 1) for o in owners[2:])
         assert sorted(sink.recipients) == sorted(owners[1:])
         assert store.scalar("SELECT count(*) FROM notification_queue") == 0
+    finally:
+        sink.stop()
+
+
+def test_stopping_the_hosts_process_group_sends_the_mail_in_flight_once(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """`horizons up` (and a service manager) stops the host with a SIGTERM to its whole
+    process group, the SMTP sender included. The host lets the sender's sessions finish
+    their messages; a sender that died at the signal lost them (retried after a restart,
+    and an error logged at every clean stop)."""
+    sink = SmtpSink(rcpt_delay=lambda address: 2.0 if address.startswith("slow@") else 0.0)
+    sink.start()
+    log = tmp_path / "host.log"
+    try:
+        s = settings.model_copy(update={"smtp_port": sink.port})
+        proc = start_consumer(s, log, services=("notifications",))
+        orch = JobOrchestratorService(s, wait=False)
+        _completed(orch, "stop-1", "slow@observatory.example")
+        orch.flush()
+        wait_until(lambda: sink.rcpt_seen, timeout=60, what="the e-mail to reach the server")
+        senders = [
+            p
+            for p in psutil.Process(proc.pid).children()
+            if "horizons_platform.runtime.sender" in p.cmdline()
+        ]
+        assert senders, "the host runs no SMTP sender"
+        for pid in (proc.pid, *(p.pid for p in senders)):  # what os.killpg does
+            os.kill(pid, signal.SIGTERM)
+        assert stop_consumer(proc, log) == 0
+        for p in senders:
+            p.wait(10)  # psutil.TimeoutExpired if the host left it running
+        assert [m["To"] for m in sink.messages] == ["slow@observatory.example"]
+        text = log.read_text(errors="replace")
+        assert "SMTP sender process exited" not in text, text[-3000:]
+        _, rows = Store(s).query("SELECT status, attempts FROM notifications")
+        assert rows == [("sent", 1)]
     finally:
         sink.stop()
 
