@@ -31,7 +31,14 @@ def newest_published_head(settings: Settings, timeout: float = 10.0) -> SignedHe
     topic = settings.topic_audit_trail
     consumer = Consumer(
         settings.kafka_config(
-            **{"group.id": f"horizons-witness-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False}
+            **{
+                "group.id": f"horizons-witness-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                # A broker that is down is this function's answer (KafkaException, which
+                # the caller reports in one line), not news: at librdkafka's error level
+                # it printed every refused connection, hundreds of lines a run.
+                "log_level": 2,
+            }
         )
     )
     try:
@@ -83,6 +90,10 @@ def check_trail(
 ) -> TrailReport:
     """Verify (incrementally unless ``full``) against the signed heads and Kafka's."""
     public = load_public(settings)
+    # A store that cannot be read fails now, not after a wait for Kafka. (Kafka is asked
+    # before the snapshot is taken, never after: a head published in between would look
+    # like one the store lost.)
+    store.scalar("SELECT 1")
     published: SignedHead | None = None
     unreachable = ""
     if witness:

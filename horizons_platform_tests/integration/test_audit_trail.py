@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +23,7 @@ from horizons_platform.services.compliance import build_report, generate_report,
 from horizons_platform.services.signing import HEAD_KEY, key_id, public_pem, sign_checkpoint
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
+from horizons_platform.store.owner import free_port
 from horizons_platform.waiting import wait_until
 from horizons_platform_tests.support import horizons, read_topic, record_in_the_past, run_jobs
 
@@ -146,6 +148,23 @@ def test_the_untouched_trail_verifies_incrementally_and_through_the_cli(trail: S
     assert again.ok and again.checked == 0 and again.incremental_from == full.through[0]  # type: ignore[index]
     cli = horizons(trail, "verify-audit")
     assert cli.returncode == 0 and "audit trail verified" in cli.stdout, cli.stdout + cli.stderr
+
+
+def test_verify_audit_without_kafka_says_so_in_one_line_and_without_a_store_at_once(
+    trail: Settings, tmp_path: Path
+) -> None:
+    settings, _ = _copy(trail, tmp_path)
+    closed = free_port()  # nothing listens: a broker that is down
+    offline = Settings(**{**settings.model_dump(), "kafka_bootstrap": f"127.0.0.1:{closed}"})
+    cli = horizons(offline, "verify-audit")
+    assert cli.returncode == 0 and "audit trail verified" in cli.stdout, cli.stdout + cli.stderr
+    assert "Kafka not asked (unreachable" in cli.stdout, cli.stdout
+    assert "librdkafka" not in cli.stderr, cli.stderr[:2000]  # one note, not a log per retry
+    missing = Settings(**{**offline.model_dump(), "duckdb_path": tmp_path / "never-created.duckdb"})
+    started = time.monotonic()
+    cli = horizons(missing, "verify-audit")
+    assert cli.returncode == 1 and "no DuckDB file" in cli.stderr, cli.stdout + cli.stderr
+    assert time.monotonic() - started < 5.0, "waited for Kafka before finding no store"
 
 
 def test_an_old_row_edited_in_place_fails_verify_audit_and_the_report(
