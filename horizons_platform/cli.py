@@ -563,8 +563,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.verbose:
             raise
-        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"error: {_describe(exc)}", file=sys.stderr)
         return 1
+
+
+def _describe(exc: Exception) -> str:
+    """The one line a command's failure prints: a cluster that does not answer is named,
+    with what to try, instead of librdkafka's error object."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    err = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    unreachable = (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT)
+    if isinstance(err, KafkaError) and err.code() in unreachable:
+        with contextlib.suppress(Exception):  # settings that do not load: say what we know
+            return (
+                f"Kafka at {_settings().bootstrap} did not answer ({err.str()}); is it "
+                "running? `horizons broker status` says (`horizons broker start` starts "
+                "the embedded one)"
+            )
+    return f"{type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

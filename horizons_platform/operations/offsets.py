@@ -63,7 +63,9 @@ class Position:
 
 
 def _consumer(settings: Settings) -> Consumer:
-    return Consumer(settings.kafka_config(**{"group.id": "horizons-offsets-cli"}))
+    # A cluster that does not answer is the command's one-line error (cli._describe);
+    # at librdkafka's error level every refused connection was a log line besides.
+    return Consumer(settings.kafka_config(**{"group.id": "horizons-offsets-cli", "log_level": 2}))
 
 
 def positions(settings: Settings, store: StoreBase, group: str | None = None) -> list[Position]:
@@ -144,7 +146,7 @@ def plan_reset(
 def live_members(settings: Settings, group: str, wait_s: float = 0.0) -> int:
     """Members of ``group`` in Kafka, waiting up to ``wait_s`` for it to empty (a static
     member that stopped stays until its session times out)."""
-    admin = AdminClient(settings.kafka_config())
+    admin = AdminClient(settings.kafka_config(log_level=2))
     deadline = time.monotonic() + wait_s
     while True:
         try:
