@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_INVALID,
@@ -19,6 +20,14 @@ from horizons_platform.settings import Settings
 
 def admin_client(settings: Settings) -> AdminClient:
     return AdminClient(settings.kafka_config())
+
+
+def one_shot_config(settings: Settings, **extra: Any) -> dict[str, Any]:
+    """librdkafka settings for a short-lived client (a command, the audit witness) whose
+    failure to reach the cluster is its caller's answer, reported in one line. It logs
+    critical lines only: at librdkafka's default level every refused connection of a
+    broker that is down was a log line too, hundreds in a run."""
+    return settings.kafka_config(log_level=2, **extra)
 
 
 def answers_a_new_client(settings: Settings, topic: str, timeout: float) -> bool:

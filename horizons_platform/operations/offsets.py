@@ -18,6 +18,7 @@ from confluent_kafka import Consumer, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from horizons_platform.kafka import offsets
+from horizons_platform.kafka.admin import one_shot_config
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.runtime.monitor import apply_evaluations
 from horizons_platform.runtime.publications import enqueue_audit, publish_now
@@ -63,9 +64,8 @@ class Position:
 
 
 def _consumer(settings: Settings) -> Consumer:
-    # A cluster that does not answer is the command's one-line error (cli._describe);
-    # at librdkafka's error level every refused connection was a log line besides.
-    return Consumer(settings.kafka_config(**{"group.id": "horizons-offsets-cli", "log_level": 2}))
+    # A cluster that does not answer is the command's one-line error (cli._describe).
+    return Consumer(one_shot_config(settings, **{"group.id": "horizons-offsets-cli"}))
 
 
 def positions(settings: Settings, store: StoreBase, group: str | None = None) -> list[Position]:
@@ -146,7 +146,7 @@ def plan_reset(
 def live_members(settings: Settings, group: str, wait_s: float = 0.0) -> int:
     """Members of ``group`` in Kafka, waiting up to ``wait_s`` for it to empty (a static
     member that stopped stays until its session times out)."""
-    admin = AdminClient(settings.kafka_config(log_level=2))
+    admin = AdminClient(one_shot_config(settings))
     deadline = time.monotonic() + wait_s
     while True:
         try:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from horizons_platform.kafka.admin import watermarks
+from horizons_platform.kafka.admin import one_shot_config, watermarks
 from horizons_platform.services.audit_verify import TrailReport, record_verification, verify_trail
 from horizons_platform.services.keys import load_public
 from horizons_platform.services.signing import HEAD_ACTION, HEAD_KEY, SignedHead
@@ -29,16 +29,11 @@ def newest_published_head(settings: Settings, timeout: float = 10.0) -> SignedHe
     """The head with the highest seq among the last messages of ``audit-trail``; None when
     none was published (yet). Raises KafkaException when the broker cannot be read."""
     topic = settings.topic_audit_trail
+    # A broker that is down is this function's answer (KafkaException): one_shot_config.
     consumer = Consumer(
-        settings.kafka_config(
-            **{
-                "group.id": f"horizons-witness-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                # A broker that is down is this function's answer (KafkaException, which
-                # the caller reports in one line), not news: at librdkafka's error level
-                # it printed every refused connection, hundreds of lines a run.
-                "log_level": 2,
-            }
+        one_shot_config(
+            settings,
+            **{"group.id": f"horizons-witness-{uuid.uuid4().hex[:8]}", "enable.auto.commit": False},
         )
     )
     try:

@@ -172,21 +172,6 @@ class _FirstConsumerGetsNoAnswer(ConsumerLoop):
             self.settings = real
 
 
-def test_commands_against_a_cluster_that_does_not_answer_say_so_in_one_line(
-    settings: Settings, store: Store
-) -> None:
-    closed = free_port()  # nothing listens there: a broker that is down
-    offline = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{closed}"})
-    # Any command's failure goes through the same line (cli._describe); offsets show is
-    # the one that also quiets its own client, and gives up within ~10 s.
-    cli = horizons(offline, "offsets", "show", timeout=120)
-    assert cli.returncode == 1, cli.stdout + cli.stderr
-    lines = cli.stderr.strip().splitlines()
-    assert len(lines) == 1 and "librdkafka" not in cli.stderr, cli.stderr[:2000]
-    assert f"Kafka at 127.0.0.1:{closed} did not answer" in lines[0], lines[0]
-    assert "horizons broker status" in lines[0], lines[0]
-
-
 def test_a_consumer_that_hears_nothing_while_the_cluster_answers_others_is_replaced(
     settings: Settings, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -210,6 +195,21 @@ def test_a_consumer_that_hears_nothing_while_the_cluster_answers_others_is_repla
     assert codes == [EXIT_OK]
     assert "broker still unreachable after" in caplog.text
     assert "the cluster has answered new clients for" in caplog.text
+
+
+def test_commands_against_a_cluster_that_does_not_answer_say_so_in_one_line(
+    settings: Settings, store: Store
+) -> None:
+    closed = free_port()  # nothing listens there: a broker that is down
+    offline = settings.model_copy(update={"kafka_bootstrap": f"127.0.0.1:{closed}"})
+    # Any command's failure goes through the same line (cli._describe); offsets show is
+    # the one that also quiets its own client, and gives up within ~10 s.
+    cli = horizons(offline, "offsets", "show", timeout=120)
+    assert cli.returncode == 1, cli.stdout + cli.stderr
+    lines = cli.stderr.strip().splitlines()
+    assert len(lines) == 1 and "librdkafka" not in cli.stderr, cli.stderr[:2000]
+    assert f"Kafka at 127.0.0.1:{closed} did not answer" in lines[0], lines[0]
+    assert "horizons broker status" in lines[0], lines[0]
 
 
 def test_offsets_moved_past_the_cluster_under_an_idle_group_are_caught_by_the_watch(
