@@ -35,6 +35,7 @@ from horizons_platform.events import safe_text
 from horizons_platform.kafka.records import Batch, Columns, Handler, Tables, now
 from horizons_platform.services.signing import HEAD_ACTION, HEAD_KEY, sign_head
 from horizons_platform.store import tables
+from horizons_platform.store.schema import PAYLOAD_OF_RAW
 from horizons_platform.tracing import trace_id_of
 
 if TYPE_CHECKING:
@@ -66,10 +67,6 @@ AUDIT_COLUMNS = (
 )
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-# DuckDB's view of a valid event's payload, stored in ``payload`` and checked against
-# ``raw`` by verify_store (TRY: bytes pydantic accepted may still hold escapes DuckDB's
-# JSON refuses, e.g. a lone surrogate; then the column is NULL, never a failed batch).
-PAYLOAD_OF_RAW = "CASE WHEN valid THEN TRY(json_extract(decode(raw), '$.payload')) END"
 
 
 def _iso(ts: datetime | None) -> str | None:

@@ -30,6 +30,7 @@ from horizons_platform.kafka.producer import Publisher
 from horizons_platform.kafka.records import Batch
 from horizons_platform.runtime.outbox import OutboxDispatcher
 from horizons_platform.runtime.smtp import Claimed, SmtpSession, deliver
+from horizons_platform.services.audit_check import check_trail
 from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
@@ -104,6 +105,42 @@ def test_hostile_owners_and_job_ids_never_stop_or_misdirect_mail(
     assert host.dispatcher is not None
     assert host.dispatcher.failed_attempts == 0
     assert store.scalar("SELECT max(attempts) FROM notifications") == 1
+
+
+def test_an_event_naming_its_payload_twice_is_audited_as_the_payload_acted_on(
+    settings: Settings, host_factory: Callable[..., Host], smtp: SmtpSink
+) -> None:
+    # JSON readers disagree on a name given twice: pydantic (every service) takes the
+    # last payload, DuckDB's json_extract the first. The audit trail's payload column must
+    # show the one the e-mail went out under, not one nobody validated.
+    host_factory(settings, ("notifications", "compliance-auditor"))
+    event = ev.new_event(
+        ev.JobCompleted,
+        producer="test",
+        job_id="two-payloads",
+        payload={"owner": "owner@observatory.example", "job_type": "imaging"},
+    )
+    text = ev.encode(event).decode()
+    decoy = '"payload":{"owner":"decoy@evil.example","job_type":"EVIL","output_bytes":-1},'
+    raw = text.replace('"payload":', decoy + '"payload":', 1).encode()
+    assert raw.count(b'"payload"') == 2
+    Publisher(settings).send(settings.topic_job_lifecycle, raw, key=b"two-payloads")
+
+    store = Store(settings)
+    wait_until(lambda: len(smtp.messages) >= 1, timeout=30, what="the e-mail")
+    wait_until(
+        lambda: store.scalar("SELECT count(*) FROM audit_log WHERE job_id = 'two-payloads'") == 1,
+        timeout=30,
+        what="the audit row",
+    )
+    assert smtp.recipients == ["owner@observatory.example"]
+    _, rows = store.query(
+        "SELECT valid, payload->>'owner', payload->>'job_type' FROM audit_log "
+        "WHERE job_id = 'two-payloads'"
+    )
+    assert rows == [(True, "owner@observatory.example", "imaging")]
+    assert store.scalar("SELECT recipient FROM notifications") == "owner@observatory.example"
+    assert check_trail(store, settings, full=True).ok  # the column matches its raw bytes
 
 
 def test_a_refused_recipient_fails_alone_and_a_deferred_one_is_retried(

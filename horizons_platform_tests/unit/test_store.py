@@ -17,12 +17,13 @@ from typing import Any
 import duckdb
 import pytest
 
+from horizons_platform.events import validate
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreUnavailable
 from horizons_platform.store.client import Store
 from horizons_platform.store.owner import StoreOwner
-from horizons_platform.store.schema import MIGRATIONS, SchemaTooNew, migrate
+from horizons_platform.store.schema import MIGRATIONS, PAYLOAD_OF_RAW, SchemaTooNew, migrate
 
 HOLD = """
 import duckdb, sys, time
@@ -78,6 +79,75 @@ def test_migration_7_gives_queued_notifications_their_created_at(tmp_path: Path)
         con.execute("INSERT INTO notification_queue VALUES ('n-1', ?, NULL)", [created])
         assert migrate(con) == MIGRATIONS[-1][0]
         assert con.execute("SELECT created_at FROM notification_queue").fetchall() == [(created,)]
+
+
+_ENVELOPE = (
+    '"event_id":"01a252f9-0387-747e-8281-d708eb0826af","event_type":"job.completed",'
+    '"job_id":"j-1","occurred_at":"2026-12-07T10:00:00Z","producer":"p"'
+)
+_GOOD = '{"owner":"good@example.org","job_type":"imaging"}'
+_EVIL = '{"owner":"evil@example.org","job_type":"EVIL"}'
+# Valid events whose payload member DuckDB's json_extract and pydantic read differently
+# (the first and the last of two), or where a naive text search could miss the member.
+_PAYLOADS = {
+    "named twice": f'{{{_ENVELOPE},"payload":{_EVIL},"payload":{_GOOD}}}',
+    "named twice, once spelled with an escape": (
+        f'{{{_ENVELOPE},"pay\\u006coad":{_EVIL},"payload":{_GOOD}}}'
+    ),
+    "the escaped one last": f'{{"payload":{_EVIL},{_ENVELOPE},"pa\\u0079load":{_GOOD}}}',
+    "named once": f'{{{_ENVELOPE},"payload":{_GOOD}}}',
+    "a nested member of the same name": (
+        f'{{"payload":{{"owner":"good@example.org","job_type":"imaging",'
+        f'"params":{{"payload":{_EVIL}}}}},{_ENVELOPE}}}'
+    ),
+    "the name inside a string": (
+        f'{{{_ENVELOPE},"producer":"\\"payload\\": {{}}","payload":{_GOOD}}}'
+    ),
+}
+
+
+@pytest.mark.parametrize("text", _PAYLOADS.values(), ids=_PAYLOADS.keys())
+def test_the_audit_payload_is_the_member_pydantic_validated(text: str) -> None:
+    # Every service acts on pydantic's reading; the audit trail must show the same one.
+    raw = text.encode()
+    validated = validate(raw)["payload"]
+    with duckdb.connect() as con:
+        (projected,) = con.execute(
+            f"SELECT {PAYLOAD_OF_RAW} FROM (SELECT ?::BLOB AS raw, true AS valid)", [raw]
+        ).fetchone()  # type: ignore[misc]
+    payload = json.loads(projected)
+    assert (payload["owner"], payload["job_type"]) == (
+        validated["owner"],
+        validated["job_type"],
+    )
+    assert payload.get("params", {}) == validated.get("params", {})
+
+
+def test_migration_8_gives_audit_rows_the_payload_member_pydantic_validated(
+    tmp_path: Path,
+) -> None:
+    with duckdb.connect(str(tmp_path / "v7.duckdb")) as con:
+        con.execute(
+            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)"
+        )
+        for version, sql in MIGRATIONS[:7]:
+            con.execute(sql)
+            con.execute("INSERT INTO schema_migrations VALUES (?, now())", [version])
+        twice, once = _PAYLOADS["named twice"], _PAYLOADS["named once"]
+        for seq, text, stored in ((1, twice, _EVIL), (2, once, _GOOD)):
+            # How version 7 stored them: json_extract, the first member.
+            con.execute(
+                'INSERT INTO audit_log (seq, recorded_at, topic, "partition", "offset", '
+                "valid, payload, raw, prev_hash, hash, hash_rule, cluster_id) "
+                "VALUES (?, now(), 't', 0, ?, true, ?, ?, 'p', 'h', 2, 'c')",
+                [seq, seq, stored, text.encode()],
+            )
+        before = con.execute("SELECT seq, hash, raw FROM audit_log ORDER BY seq").fetchall()
+        assert migrate(con) == MIGRATIONS[-1][0]
+        owners = con.execute("SELECT payload->>'owner' FROM audit_log ORDER BY seq").fetchall()
+        assert owners == [("good@example.org",), ("good@example.org",)]
+        # The evidence and its chain are untouched.
+        assert con.execute("SELECT seq, hash, raw FROM audit_log ORDER BY seq").fetchall() == before
 
 
 def test_schema_is_migrated_once_and_versioned(tmp_path: Path) -> None:
