@@ -39,7 +39,12 @@ from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.services.registry import HANDLERS
 from horizons_platform.settings import SERVICE_GROUPS, Settings
 from horizons_platform.store.owner import StoreOwner
-from horizons_platform.threads import dump_stacks_after, name_this_thread, run_in_background
+from horizons_platform.threads import (
+    dump_stacks_after,
+    name_this_thread,
+    on_signals,
+    run_in_background,
+)
 
 log = logging.getLogger(__name__)
 
@@ -299,17 +304,19 @@ def run_host(
     """Run until SIGINT/SIGTERM (exit 0) or a lost broker (non-zero)."""
     host = Host(settings, tuple(groups), background=list(background), on_standby=on_standby)
 
-    def _stop(signum: int, _frame: object) -> None:
+    def _stop(signum: int) -> None:
         log.info("received %s: stopping after the current batches", signal.Signals(signum).name)
         dump_stacks_after(settings.shutdown_timeout_s)
         host.stop()
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
-    if not host.start():
-        return 0  # stopped while waiting as a standby
-    if host.wait_ready() and on_ready:
-        on_ready(host)
-    while not host.stop_event.wait(0.5):
-        pass
-    return host.join(settings.shutdown_timeout_s + settings.broker_grace_s)
+    unwatch = on_signals((signal.SIGTERM, signal.SIGINT), _stop)
+    try:
+        if not host.start():
+            return 0  # stopped while waiting as a standby
+        if host.wait_ready() and on_ready:
+            on_ready(host)
+        while not host.stop_event.wait(0.5):
+            pass
+        return host.join(settings.shutdown_timeout_s + settings.broker_grace_s)
+    finally:
+        unwatch()

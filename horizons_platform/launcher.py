@@ -32,6 +32,7 @@ import psutil
 
 from horizons_platform.logs import RotatingFile, pump
 from horizons_platform.settings import Settings
+from horizons_platform.threads import on_signals
 
 log = logging.getLogger(__name__)
 SESSION_VAR = "HZUP_SESSION"  # not HORIZONS_*: it is no setting
@@ -178,7 +179,8 @@ class Launcher:
 
     # --- signals ---------------------------------------------------------------------
 
-    def _on_signal(self, signum: int, _frame: object) -> None:
+    def _on_signal(self, signum: int) -> None:
+        """On the signal watcher's thread (threads.on_signals), never in the handler."""
         if self.stop_event.is_set():
             # A second Ctrl-C: stop waiting politely.
             for child in self.children:
@@ -186,10 +188,6 @@ class Launcher:
             return
         self.out(f"\n{signal.Signals(signum).name}: stopping everything `horizons up` started…")
         self.stop_event.set()
-
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
 
     # --- start -------------------------------------------------------------------------
 
@@ -363,10 +361,16 @@ class Launcher:
             orch.publisher.flush(5.0)
 
     def run(self) -> int:
+        unwatch = on_signals((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), self._on_signal)
+        try:
+            return self._run()
+        finally:
+            unwatch()
+
+    def _run(self) -> int:
         started = time.monotonic()
         root = repo_root()
         home = prepare_dagster_home(self.settings, root)
-        self.install_signal_handlers()
         try:
             self.start_broker()
             if self.stop_event.is_set():

@@ -5,8 +5,9 @@ of the host as "python". Each host thread writes a short form of its name (Linux
 15 bytes) into its own ``comm``, so an operator — or `horizons bench latency` — sees
 which service a busy thread belongs to. A host's threads' stacks can be asked for at any
 time (``dump_stacks_on``: ``kill -USR1 <pid>``) and are written by themselves when a
-shutdown is slow (``dump_stacks_after``); and a stopped host leaves even when a thread it
-does not own never ends (``exit_within``).
+shutdown is slow (``dump_stacks_after``); a stopped host leaves even when a thread it
+does not own never ends (``exit_within``); and a stop signal is acted on by a thread of
+its own, never inside the signal handler (``on_signals``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import re
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 # Group names shortened so that a service and its role fit in 15 bytes.
@@ -82,3 +84,43 @@ def exit_within(seconds: float) -> None:
     every thread's stack to stderr — the reason, for the log — and exits with status 1.
     """
     faulthandler.dump_traceback_later(seconds, exit=True)
+
+
+def on_signals(signals: tuple[int, ...], action: Callable[[int], None]) -> Callable[[], None]:
+    """Call ``action(signum)`` for each of ``signals`` that arrives, on a thread of its own.
+    Returns a function (for the main thread) that stops watching: the signals are then
+    ignored, as a process already on its way out should (its exit is bounded anyway,
+    ``exit_within``), and the pipe is closed.
+
+    A Python signal handler runs in the main thread between two of its bytecodes, which
+    may be inside ``Event.wait()`` holding the lock ``Event.set()`` takes, or inside a
+    first handler's ``set()``: a handler that set the stop event itself could wait for
+    ever on its own thread. (CI: two SIGTERMs a moment apart left a host hung in
+    ``set()`` until it was killed.) So the handler only writes the signal's number into a
+    pipe, which takes no lock, and a watcher thread reads it and acts."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def handler(signum: int, _frame: object) -> None:
+        with contextlib.suppress(OSError):  # a full pipe: stops are already pending
+            os.write(write_fd, bytes([signum]))
+
+    def watch() -> None:
+        name_this_thread()
+        while data := os.read(read_fd, 64):
+            for signum in data:
+                action(signum)
+        os.close(read_fd)
+
+    watcher = threading.Thread(target=watch, name="signals", daemon=True)
+    watcher.start()
+    for signum in signals:
+        signal.signal(signum, handler)
+
+    def stop() -> None:
+        for signum in signals:  # first: a closed descriptor's number is soon reused
+            signal.signal(signum, signal.SIG_IGN)
+        os.close(write_fd)  # the watcher reads the end of the pipe and returns
+        watcher.join(5.0)
+
+    return stop

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from horizons_platform.threads import name_this_thread, os_name, run_in_background
+from horizons_platform.threads import name_this_thread, on_signals, os_name, run_in_background
 
 
 @pytest.mark.parametrize(
@@ -118,3 +118,67 @@ def test_background_work_lowers_only_its_own_threads_priority() -> None:
     lowered = min(19, before + 5) - before  # 5 unless the tests already run niced
     assert seen == {"lowered": lowered, "unchanged": lowered, "capped": 19}
     assert os.getpriority(os.PRIO_PROCESS, me) == before  # the rest of the process: as it was
+
+
+_STOPPED_BY_SIGNALS = """
+import signal, sys, threading
+from horizons_platform.threads import on_signals
+stop = threading.Event()
+seen = []
+def act(signum):
+    seen.append(signum)
+    stop.set()
+unwatch = on_signals((signal.SIGTERM,), act)
+print("ready", flush=True)
+while not stop.wait(0.001):  # the host's main thread waits on its stop event like this
+    pass
+unwatch()
+ignored = signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+print(f"stopped after {len(seen)} of them; ignored now: {ignored}", flush=True)
+"""
+
+
+def test_a_burst_of_stop_signals_stops_the_process_and_never_hangs_it() -> None:
+    """A supervisor's SIGTERM, `horizons up`'s to the whole process group, an operator's
+    Ctrl-C: stop signals come in bursts. A handler that set the stop event itself could
+    run while the main thread held that event's lock (inside ``wait``, or a first
+    handler's ``set``) and wait for it for ever: CI saw a host hang so (about one burst
+    in twenty, measured with a throw-away script). ``on_signals`` acts off the handler."""
+    for _ in range(10):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _STOPPED_BY_SIGNALS], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        for _ in range(200):
+            try:
+                os.kill(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                break
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("a burst of SIGTERMs left the process hanging") from None
+        assert proc.returncode == 0, out
+        # Acted on at least once; every later signal ignored once the process stops.
+        assert "stopped after" in out and "ignored now: True" in out, out
+
+
+def test_a_signal_is_acted_on_off_the_main_thread() -> None:
+    acted = threading.Event()
+    threads: list[str] = []
+
+    def act(signum: int) -> None:
+        threads.append(threading.current_thread().name)
+        acted.set()
+
+    previous = signal.getsignal(signal.SIGUSR2)
+    unwatch = on_signals((signal.SIGUSR2,), act)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert acted.wait(5)
+        assert threads == ["signals"]
+    finally:
+        unwatch()
+        signal.signal(signal.SIGUSR2, previous)
