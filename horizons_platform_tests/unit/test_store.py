@@ -58,16 +58,22 @@ def test_a_file_migrated_by_a_newer_version_is_refused(tmp_path: Path) -> None:
             migrate(con)
 
 
+def _file_at_version(tmp_path: Path, version: int) -> duckdb.DuckDBPyConnection:
+    """A store file as the platform left it at schema ``version``."""
+    con = duckdb.connect(str(tmp_path / f"v{version}.duckdb"))
+    con.execute(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)"
+    )
+    for number, sql in MIGRATIONS[:version]:
+        con.execute(sql)
+        con.execute("INSERT INTO schema_migrations VALUES (?, now())", [number])
+    return con
+
+
 def test_migration_7_gives_queued_notifications_their_created_at(tmp_path: Path) -> None:
     # The outbox joins the queue with notifications on (id, created_at): a queued row
     # left without its notification's created_at would never be claimed again.
-    with duckdb.connect(str(tmp_path / "v6.duckdb")) as con:
-        con.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)"
-        )
-        for version, sql in MIGRATIONS[:6]:
-            con.execute(sql)
-            con.execute("INSERT INTO schema_migrations VALUES (?, now())", [version])
+    with _file_at_version(tmp_path, 6) as con:
         created = datetime(2026, 11, 30, 8, 15, 1, 123456, tzinfo=UTC)
         con.execute(
             "INSERT INTO notifications (notification_id, event_id, job_id, kind, recipient, "
@@ -126,13 +132,7 @@ def test_the_audit_payload_is_the_member_pydantic_validated(text: str) -> None:
 def test_migration_8_gives_audit_rows_the_payload_member_pydantic_validated(
     tmp_path: Path,
 ) -> None:
-    with duckdb.connect(str(tmp_path / "v7.duckdb")) as con:
-        con.execute(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ)"
-        )
-        for version, sql in MIGRATIONS[:7]:
-            con.execute(sql)
-            con.execute("INSERT INTO schema_migrations VALUES (?, now())", [version])
+    with _file_at_version(tmp_path, 7) as con:
         twice, once = _PAYLOADS["named twice"], _PAYLOADS["named once"]
         for seq, text, stored in ((1, twice, _EVIL), (2, once, _GOOD)):
             # How version 7 stored them: json_extract, the first member.
