@@ -305,9 +305,9 @@ def run_host(
     host = Host(settings, tuple(groups), background=list(background), on_standby=on_standby)
 
     def _stop(signum: int) -> None:
+        host.stop()  # first: whatever the log does, the host stops
         log.info("received %s: stopping after the current batches", signal.Signals(signum).name)
         dump_stacks_after(settings.shutdown_timeout_s)
-        host.stop()
 
     unwatch = on_signals((signal.SIGTERM, signal.SIGINT), _stop)
     try:

@@ -186,8 +186,9 @@ class Launcher:
             for child in self.children:
                 child.signal_group(signal.SIGKILL)
             return
-        self.out(f"\n{signal.Signals(signum).name}: stopping everything `horizons up` started…")
-        self.stop_event.set()
+        self.stop_event.set()  # first: a terminal that went away with the Ctrl-C
+        with contextlib.suppress(OSError):  # (`horizons up | tee`) cannot keep us running
+            self.out(f"\n{signal.Signals(signum).name}: stopping everything `horizons up` started…")
 
     # --- start -------------------------------------------------------------------------
 

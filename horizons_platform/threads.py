@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import logging
 import os
 import re
 import signal
 import threading
 from collections.abc import Callable
 from pathlib import Path
+
+_log = logging.getLogger(__name__)
 
 # Group names shortened so that a service and its role fit in 15 bytes.
 _SHORT = (
@@ -105,11 +108,20 @@ def on_signals(signals: tuple[int, ...], action: Callable[[int], None]) -> Calla
         with contextlib.suppress(OSError):  # a full pipe: stops are already pending
             os.write(write_fd, bytes([signum]))
 
+    stopped = threading.Event()
+
     def watch() -> None:
         name_this_thread()
         while data := os.read(read_fd, 64):
             for signum in data:
-                action(signum)
+                if stopped.is_set():
+                    break  # the process is on its way out: a late stop must not re-arm anything
+                try:
+                    action(signum)
+                except Exception:
+                    # The watcher must outlive its action (a print into a closed pipe):
+                    # without it every later signal, the second Ctrl-C too, is lost.
+                    _log.exception("acting on signal %d", signum)
         os.close(read_fd)
 
     watcher = threading.Thread(target=watch, name="signals", daemon=True)
@@ -118,6 +130,7 @@ def on_signals(signals: tuple[int, ...], action: Callable[[int], None]) -> Calla
         signal.signal(signum, handler)
 
     def stop() -> None:
+        stopped.set()
         for signum in signals:  # first: a closed descriptor's number is soon reused
             signal.signal(signum, signal.SIG_IGN)
         os.close(write_fd)  # the watcher reads the end of the pipe and returns

@@ -17,7 +17,6 @@ import duckdb
 # pydantic both decode) does DuckDB list the members to take the last; otherwise it is
 # one json_extract (the search costs ~0.3 µs a row). TRY: bytes pydantic accepted may
 # still hold escapes DuckDB's JSON refuses (a lone surrogate): NULL, never a failed batch.
-# A later change of this projection needs a migration of its own, like version 8.
 _RAW_TEXT = "decode(raw)"
 _MAY_NAME_PAYLOAD_TWICE = (
     f"contains({_RAW_TEXT}, '\\u') OR {_RAW_TEXT} LIKE '%\"payload\"%\"payload\"%'"
@@ -26,10 +25,13 @@ _LAST_PAYLOAD_MEMBER = (
     f"json_extract({_RAW_TEXT}, '$.*')[len(json_keys({_RAW_TEXT})) + 1 "
     f"- list_position(list_reverse(json_keys({_RAW_TEXT})), 'payload')]"
 )
-PAYLOAD_OF_RAW = (
+# Frozen: migration 8 re-projects with it. A new projection gets a new name, its own
+# migration, and becomes PAYLOAD_OF_RAW.
+_PAYLOAD_OF_RAW_V8 = (
     f"CASE WHEN valid THEN TRY(CASE WHEN {_MAY_NAME_PAYLOAD_TWICE} THEN {_LAST_PAYLOAD_MEMBER} "
     f"ELSE json_extract({_RAW_TEXT}, '$.payload') END) END"
 )
+PAYLOAD_OF_RAW = _PAYLOAD_OF_RAW_V8
 
 MIGRATIONS: list[tuple[int, str]] = [
     (
@@ -360,8 +362,8 @@ MIGRATIONS: list[tuple[int, str]] = [
         # first; they get the one the services acted on. ``payload`` is a projection of
         # ``raw``, outside the hash, so the chain is untouched.
         f"""
-        UPDATE audit_log SET payload = ({PAYLOAD_OF_RAW})
-        WHERE hash_rule = 2 AND valid AND payload IS DISTINCT FROM ({PAYLOAD_OF_RAW});
+        UPDATE audit_log SET payload = ({_PAYLOAD_OF_RAW_V8})
+        WHERE hash_rule = 2 AND valid AND payload IS DISTINCT FROM ({_PAYLOAD_OF_RAW_V8});
         """,
     ),
 ]

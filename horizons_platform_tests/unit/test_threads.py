@@ -182,3 +182,29 @@ def test_a_signal_is_acted_on_off_the_main_thread() -> None:
     finally:
         unwatch()
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_an_action_that_raises_leaves_the_next_signal_acted_on() -> None:
+    # `horizons up | tee`: Ctrl-C kills tee too, and the first action's print raises.
+    # The second Ctrl-C (kill the children) must still be heard.
+    calls: list[int] = []
+    second = threading.Event()
+
+    def act(signum: int) -> None:
+        calls.append(signum)
+        if len(calls) == 1:
+            raise BrokenPipeError("the terminal is gone")
+        second.set()
+
+    previous = signal.getsignal(signal.SIGUSR2)
+    unwatch = on_signals((signal.SIGUSR2,), act)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert second.wait(5), f"acted on {len(calls)} signal(s)"
+    finally:
+        unwatch()
+        signal.signal(signal.SIGUSR2, previous)
