@@ -71,7 +71,7 @@ def audit_retention_compliant(
     duckdb: DuckDBStore, settings: HorizonsSettings
 ) -> dg.AssetCheckResult:
     s = settings.get()
-    with duckdb.get().reader() as con:
+    with duckdb.get().snapshot() as con:
         policy = retention_by_table(con, s)
         last_run = con.execute("SELECT max(created_at) FROM audit_checkpoints").fetchone()[0]
     late = {t: p["expired_rows"] for t, p in policy.items() if not p["within_policy"]}
@@ -112,7 +112,7 @@ def audit_records_well_formed(duckdb: DuckDBStore) -> dg.AssetCheckResult:
         SELECT seq FROM audit_log WHERE NOT valid
             AND (validation_error IS NULL OR validation_error = '' OR raw IS NULL)
     """
-    with duckdb.get().reader() as con:
+    with duckdb.get().snapshot() as con:
         n_valid = con.execute(f"SELECT count(*) FROM ({bad_valid})").fetchone()[0]
         n_invalid = con.execute(f"SELECT count(*) FROM ({bad_invalid})").fetchone()[0]
         total, invalid = con.execute(

@@ -75,7 +75,7 @@ def job_events_required_fields(duckdb: DuckDBStore) -> dg.AssetCheckResult:
     """
     statuses = ", ".join(f"'{s}'" for s in JOB_STATUSES)
     bad_jobs = f"SELECT job_id, status FROM jobs WHERE status NOT IN ({statuses}) OR owner IS NULL"
-    with duckdb.get().reader() as con:
+    with duckdb.get().snapshot() as con:
         n_bad = con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]
         n_jobs = con.execute(f"SELECT count(*) FROM ({bad_jobs})").fetchone()[0]
         total = con.execute("SELECT count(*) FROM job_events").fetchone()[0]
@@ -110,7 +110,7 @@ def job_events_per_job_ordering(duckdb: DuckDBStore) -> dg.AssetCheckResult:
             FROM ({events}))
         WHERE prev_step > step
     """
-    with duckdb.get().reader() as con:
+    with duckdb.get().snapshot() as con:
         n_spread = con.execute(f"SELECT count(*) FROM ({spread})").fetchone()[0]
         n_disorder = con.execute(f"SELECT count(*) FROM ({disorder})").fetchone()[0]
         n_jobs = con.execute(f"SELECT count(DISTINCT job_id) FROM ({events})").fetchone()[0]
@@ -144,7 +144,7 @@ def terminal_jobs_notified(duckdb: DuckDBStore) -> dg.AssetCheckResult:
         WHERE e.event_type IN ({_TERMINAL}) AND e."offset" < o.next_offset
           AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.event_id = e.event_id)
     """
-    with duckdb.get().reader() as con:
+    with duckdb.get().snapshot() as con:
         n_missing = con.execute(f"SELECT count(*) FROM ({missing})").fetchone()[0]
         by_status = dict(
             con.execute("SELECT status, count(*) FROM notifications GROUP BY ALL").fetchall()
@@ -208,7 +208,7 @@ def invalid_events_rejected_consistently(
                  AND a."partition" = d."partition" AND a."offset" = d."offset"
                  AND NOT a.valid AND a.raw IS NOT NULL)
     """
-    with duckdb.get().reader() as con:
+    with duckdb.get().snapshot() as con:
         n_accepted = con.execute(f"SELECT count(*) FROM ({accepted_invalid})").fetchone()[0]
         n_unaudited = con.execute(f"SELECT count(*) FROM ({unaudited})", [cutoff]).fetchone()[0]
         letters = con.execute("SELECT count(*) FROM dead_letters").fetchone()[0]

@@ -2,7 +2,11 @@
 counts and offsets, only when they changed, and never at the expense of ingestion."""
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -11,6 +15,7 @@ from horizons_platform.runtime.materializations import FED_TABLES, materializati
 from horizons_platform.services.orchestrator import JobOrchestratorService
 from horizons_platform.settings import Settings
 from horizons_platform.store.client import Store
+from horizons_platform.store.owner import StoreOwner
 from horizons_platform.waiting import wait_until
 
 OWNER = "jocelyn@observatory.example"
@@ -96,3 +101,75 @@ def test_a_broken_dagster_instance_never_stops_ingestion(
     finally:
         host.stop()
         assert host.join(30) == 0
+
+
+class _CommitsBetweenStatements:
+    """A store whose readers see a metrics batch (3 jobs, offsets summing to 9) commit
+    right after their first SELECT: the moment that made one report disagree with itself."""
+
+    def __init__(self, owner: StoreOwner) -> None:
+        self.owner = owner
+        self.committed = False
+
+    def _commit_batch(self) -> None:
+        now = datetime.now(UTC)
+        with self.owner.transaction() as con:
+            for i in range(3):
+                con.execute(
+                    "INSERT INTO jobs (job_id, status, updated_at) VALUES (?, 'completed', ?)",
+                    [f"j-{i}", now],
+                )
+                con.execute(
+                    'INSERT INTO consumer_offsets (consumer_group, topic, "partition", '
+                    "next_offset, updated_at, cluster_id) VALUES ('metrics', 'job-lifecycle', "
+                    "?, 3, ?, 'c')",
+                    [i, now],
+                )
+        self.committed = True
+
+    def _interleaved(self, con: Any) -> Any:
+        store = self
+
+        class Cursor:
+            def execute(self, sql: str, *args: Any) -> Any:
+                result = con.execute(sql, *args)
+                if sql.lstrip().upper().startswith("SELECT") and not store.committed:
+                    # Another thread, as a consumer group's writer: the owner's cursors
+                    # are per thread.
+                    writer = threading.Thread(target=store._commit_batch)
+                    writer.start()
+                    writer.join()
+                return result
+
+        return Cursor()
+
+    @contextmanager
+    def reader(self) -> Iterator[Any]:
+        with self.owner.reader() as con:
+            yield self._interleaved(con)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Any]:
+        with self.owner.snapshot() as con:
+            yield self._interleaved(con)
+
+
+def test_a_report_reads_its_counts_and_positions_in_one_snapshot(
+    tmp_path: Path, instance: dg.DagsterInstance
+) -> None:
+    settings = Settings(var_dir=tmp_path, materialization_interval_s=0.05)
+    owner = StoreOwner(settings, serve=False)
+    owner.open()
+    stop = threading.Event()
+    report = materialization_reporter(settings, lambda: instance)
+    reporter = threading.Thread(target=report, args=(stop, _CommitsBetweenStatements(owner)))
+    reporter.start()
+    try:
+        wait_until(lambda: _latest(instance, "jobs").get("dagster/row_count") == 3, timeout=30)
+        # Counted after the batch, positioned before it, and never reported again (the
+        # rows did not change) — unless both come from one snapshot.
+        assert _latest(instance, "jobs")["group_position"] == 9
+    finally:
+        stop.set()
+        reporter.join(10)
+        owner.close()
