@@ -97,6 +97,18 @@ POM_TEMPLATE = """\
 """
 
 
+def _default_stop_signals() -> None:
+    """In the broker's process, between fork and exec: SIGTERM, SIGINT and SIGHUP back to
+    their defaults. An ignored signal stays ignored across exec, and a JVM started with
+    SIGTERM ignored never runs its shutdown: stop() then waits 30 s, SIGKILLs it, and
+    the next start waits out the dead broker's registration. A parent can ignore SIGTERM
+    without knowing: Dagster's setup_interrupt_handlers copies SIGINT's disposition to
+    SIGTERM, and SIGINT is ignored in any process started in the background of a script
+    (CI's test run: every broker stop took 30 s)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 class BrokerError(RuntimeError):
     """A broker problem, with a message that tells the user what to do about it."""
 
@@ -377,6 +389,7 @@ class BrokerNode:
                 # Its own session: a Ctrl-C aimed at the CLI or a test run must not
                 # kill the broker behind the caller's back; stop() is the way.
                 start_new_session=True,
+                preexec_fn=_default_stop_signals,
             )
         self._proc = proc
         self.pid_path.write_text(f"{proc.pid}\n")

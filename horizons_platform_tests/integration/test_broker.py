@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +89,22 @@ def test_start_status_stop_twice(broker: EmbeddedBroker) -> None:
         assert not broker.pid_path.exists()
         assert jvms_using(broker.data_dir) == []
     assert broker.stop() is False
+
+
+def test_a_broker_started_by_a_process_ignoring_sigterm_still_stops_cleanly(
+    broker: EmbeddedBroker,
+) -> None:
+    # Dagster's setup_interrupt_handlers copies SIGINT's disposition to SIGTERM, and
+    # SIGINT is ignored in a process started in a script's background (CI): a JVM that
+    # inherits an ignored SIGTERM never runs its shutdown, and stop() had to SIGKILL it.
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        broker.start(progress=lambda _: None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert broker.stop() is True
+    log = broker.log_path.read_text(errors="replace")
+    assert "Transition from SHUTTING_DOWN to SHUTDOWN" in log, log[-2000:]
 
 
 def test_start_when_running_is_a_noop(broker: EmbeddedBroker) -> None:
