@@ -17,7 +17,7 @@ import duckdb
 from horizons_platform.events import EventDecodeError, safe_text
 from horizons_platform.kafka.records import Batch, Handler, Tables, now
 from horizons_platform.store import tables
-from horizons_platform.store.base import STORE_ERRORS, StoreBase, is_conflict
+from horizons_platform.store.base import STORE_ERRORS, StoreBase
 from horizons_platform.tracing import trace_id_of
 
 log = logging.getLogger(__name__)
@@ -320,7 +320,7 @@ class StoreFailed(RuntimeError):
 def is_store_failure(exc: BaseException) -> bool:
     """A failure of the store itself (I/O — a WAL the disk refuses surfaces as a failed
     commit —, memory, a lost connection, a database DuckDB invalidated), not of one
-    record: never dead-lettered, the batch is not stored."""
-    if isinstance(exc, duckdb.TransactionException):
-        return not is_conflict(exc)
-    return isinstance(exc, (*STORE_ERRORS, StoreFailed))
+    record: never dead-lettered, the batch is not stored. A write conflict that outlasted
+    StoreBase.write's retries is one too: another transaction holds the rows (a client's
+    long or abandoned write transaction), which no record of the batch can cause."""
+    return isinstance(exc, (*STORE_ERRORS, StoreFailed, duckdb.TransactionException))

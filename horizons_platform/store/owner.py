@@ -263,7 +263,9 @@ class StoreOwner(StoreBase):
     @contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
         began = time.monotonic()
-        with in_transaction(self.cursor()) as cur:
+        cursor = self.cursor()
+        tables.relean(cursor)  # outside any transaction, where DuckDB accepts it
+        with in_transaction(cursor) as cur:
             yield cur
         try:
             self._after_commit(time.monotonic() - began)

@@ -350,8 +350,24 @@ def optimized(con: Any) -> Iterator[None]:
     con.execute("PRAGMA enable_optimizer")
     try:
         yield
-    finally:
+    except BaseException:
+        # A statement that failed may have aborted the transaction, and DuckDB then
+        # refuses every later statement in it, this PRAGMA too: raising that would hide
+        # the block's own error (a write conflict became "transaction is aborted"). The
+        # cursor is made lean again once the transaction is over (relean).
+        try:
+            con.execute("PRAGMA disable_optimizer")
+        except duckdb.Error:
+            _lean.stale = True
+        raise
+    con.execute("PRAGMA disable_optimizer")
+
+
+def relean(con: Any) -> None:
+    """Make ``con`` lean again if an aborted transaction refused it (see optimized)."""
+    if getattr(_lean, "stale", False) and getattr(_lean, "cursor_id", None) == id(con):
         con.execute("PRAGMA disable_optimizer")
+        _lean.stale = False
 
 
 def audit_tail(con: duckdb.DuckDBPyConnection) -> tuple[int, str | None]:

@@ -4,6 +4,7 @@ auditor's chain across batches, and a store failure that must not dead-letter an
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import duckdb
 import pytest
 
 from horizons_platform import events as ev
-from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter
+from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter, is_store_failure
 from horizons_platform.kafka.records import Batch, Handler, Tables, Verdicts, now
 from horizons_platform.services.audit import AuditHandler, verify_store
 from horizons_platform.services.base import rows_to_columns
@@ -20,6 +21,7 @@ from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.client import Store
+from horizons_platform.store.owner import StoreOwner
 
 TOPIC = "job-lifecycle"
 
@@ -296,3 +298,60 @@ def test_one_refused_record_among_many_is_found_in_few_transactions(store: Store
     assert [o for (o,) in letters] == [*range(1, 101, 2), 101, *range(103, 256, 2)]
     assert sorted(d.offset for d in sent) == [o for (o,) in letters]  # each sent once
     assert cp.counters.take() == {"processed": 256, "errors": 1, "dead_letters": 128}
+
+
+def _optimizer_off(con: duckdb.DuckDBPyConnection) -> bool:
+    """Without DuckDB's optimizer, a filter stays above the scan."""
+    plan = con.execute("EXPLAIN SELECT 1 FROM jobs WHERE job_id = 'x'").fetchall()[0][1]
+    return "FILTER" in plan
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean-writer", "optimizer-on"])
+def test_a_conflict_outlasting_its_retries_stops_the_batch_and_dead_letters_nothing(
+    tmp_path: Path, lean: bool
+) -> None:
+    """Another transaction holding a row the batch updates (a client's write transaction
+    left open, its process gone) is no fault of the record: the batch is a store failure —
+    retried by the loop, then the consumer stops — never a dead letter. Before, the lean
+    writer's optimizer PRAGMA raised "transaction is aborted" over the conflict, and
+    without a lean writer the isolation dead-lettered the valid event."""
+    settings = Settings(var_dir=tmp_path / "var", store_lean_writers=lean)  # type: ignore[call-arg]
+    owner = StoreOwner(settings, serve=False)
+    owner.open()
+    sent: list[DeadLetter] = []
+    try:
+        cp = Checkpoint(MetricsHandler(owner.settings), owner, send_dead_letters=sent.extend)
+        started = ev.encode(
+            ev.new_event(
+                ev.JobStarted,
+                producer="unit",
+                job_id="j1",
+                payload={
+                    "owner": "unit@observatory.example",
+                    "job_type": "imaging",
+                    "worker": "w1",
+                },
+            )
+        )
+        done = _completed("j1", "0193a5f0-0000-7000-8000-000000000001")
+        with ThreadPoolExecutor(1) as writer:  # one thread: the consumer's lean cursor
+            writer.submit(owner.lean_writer).result()
+            writer.submit(cp.commit, _batch([_event("j1"), started])).result()
+            writer.submit(cp.commit, _batch([started], first_offset=2)).result()  # an update
+            other = owner.cursor()  # this thread's: the other transaction
+            other.execute("BEGIN")
+            other.execute("UPDATE jobs SET status = status, updated_at = updated_at")
+            with pytest.raises(duckdb.TransactionException, match="Conflict") as failed:
+                writer.submit(cp.commit, _batch([done], first_offset=3)).result()
+            assert is_store_failure(failed.value)
+            other.execute("ROLLBACK")
+            assert sent == [] and owner.scalar("SELECT count(*) FROM dead_letters") == 0
+            assert owner.scalar("SELECT status FROM jobs WHERE job_id = 'j1'") == "running"
+            # The loop's retry, once the row is free: stored, and the cursor lean again.
+            writer.submit(cp.commit, _batch([done], first_offset=3)).result()
+            assert writer.submit(lambda: _optimizer_off(owner.cursor())).result() == lean
+        assert owner.scalar("SELECT status FROM jobs WHERE job_id = 'j1'") == "completed"
+        with owner.reader() as con:
+            assert tables.stored_offsets(con, "metrics") == {(TOPIC, 0): 4}
+    finally:
+        owner.close()
