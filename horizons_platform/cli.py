@@ -220,10 +220,26 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
+    from horizons_platform.store.base import StoreUnavailable
     from horizons_platform.store.client import Store
 
     settings = _settings()
     store = Store(settings)
+    if args.action == "disconnect":
+        if not args.connection:
+            print(
+                "error: which session? `horizons store disconnect CONNECTION` "
+                "(`horizons store status` lists them)",
+                file=sys.stderr,
+            )
+            return 2
+        try:
+            ended = store.disconnect(args.connection)
+        except (LookupError, StoreUnavailable) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        print(f"ended session {ended}: its query stopped, its open transaction rolled back")
+        return 0
     status = store.status()
     for key, value in status.items():
         if key not in ("clients", "problem"):
@@ -239,10 +255,11 @@ def cmd_store(args: argparse.Namespace) -> int:
     if clients:
         print()
         print_table(
-            ["connection", "state", "since (UTC)", "query"],
+            ["connection", "client", "state", "since (UTC)", "query"],
             [
                 [
                     str(c.get("connection_id", ""))[:8],
+                    c["client"][:40],
                     c.get("state", ""),
                     f"{c['query_started_at']:%Y-%m-%d %H:%M:%S}"
                     if c.get("query_started_at")
@@ -461,11 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "store",
         help="inspect the store and its owner",
-        description="The DuckDB store's owner (pid, Quack port), its connected clients, "
-        "the file size and how near the next checkpoint is (its WAL; every writer waits "
-        "while DuckDB checkpoints). Exit 1 when no owner serves the file.",
+        description="status: the DuckDB store's owner (pid, Quack port), its connected "
+        "clients (which process, what each last ran), the file size and how near the next "
+        "checkpoint is (its WAL; every writer waits while DuckDB checkpoints); exit 1 when "
+        "no owner serves the file. disconnect CONNECTION: end a client's session (an id "
+        "or its first 8 characters from status), rolling back its open transaction — for "
+        "a session of your own DuckDB left open; the owner ends those of horizons "
+        "processes that died by itself.",
     )
-    p.add_argument("action", choices=["status"])
+    p.add_argument("action", choices=["status", "disconnect"])
+    p.add_argument("connection", nargs="?", help="the session to end (disconnect)")
     p.set_defaults(func=cmd_store)
 
     p = sub.add_parser(

@@ -124,6 +124,9 @@ class Settings(BaseSettings):
     store_checkpoint_mb: int = Field(default=256, ge=1)  # WAL size that triggers a checkpoint
     # The consumers' writer cursors skip DuckDB's optimizer (StoreOwner.lean_writer).
     store_lean_writers: bool = True
+    # How often the owner looks for sessions of horizons clients that died, to end them
+    # (store/sessions.py: an abandoned transaction holds memory, the WAL and its rows).
+    store_reap_interval_s: float = Field(default=2.0, gt=0)
 
     # --- notifications / SMTP ------------------------------------------------------------
     smtp_host: str = "127.0.0.1"

@@ -28,6 +28,7 @@ from typing import Any
 import duckdb
 
 from horizons_platform.settings import Settings
+from horizons_platform.store import sessions
 from horizons_platform.store.base import StoreBase, StoreUnavailable, connect, in_transaction
 from horizons_platform.store.endpoint import (
     CATALOG,
@@ -164,7 +165,8 @@ class RemoteCursor:
         if pid_stopped(self._info.pid):
             raise StoreUnavailable(stopped_owner(self._info))
         try:
-            self._session.con.execute(REMOTE_QUERY, [text])
+            # Named after this process, so the owner can end the session if it dies.
+            self._session.con.execute(REMOTE_QUERY, [sessions.tagged(text)])
         except duckdb.Error as exc:
             raise _unwrapped(exc) from exc
         # The owner keeps this session's transaction between calls; track it so a lost
@@ -305,6 +307,31 @@ class Store(StoreBase):
         with self._way_in(read_only=False) as con, in_transaction(con):
             yield con
 
+    def disconnect(self, connection: str) -> str:
+        """End the owner's client session whose id is or starts with ``connection`` (at
+        least 8 characters, as `horizons store status` shows them); its full id."""
+        info = self.owner()
+        if info is None:
+            raise StoreUnavailable("no owner serves the store: there are no sessions to end")
+        wanted = connection.strip().upper()
+        if len(wanted) < 8:
+            raise LookupError(
+                f"give at least 8 characters of the connection id, not {connection!r}"
+            )
+        with self.reader() as con:
+            found = con.execute("SELECT connection_id FROM quack_active_connections()")
+            ids = [r[0] for r in found.fetchall()]
+        matches = [i for i in ids if i.startswith(wanted)]
+        if len(matches) != 1:
+            raise LookupError(
+                f"no session {connection!r} on the owner (pid {info.pid})"
+                if not matches
+                else f"{connection!r} names {len(matches)} sessions; give more of the id"
+            )
+        if not sessions.disconnect(info.port, matches[0]):
+            raise StoreUnavailable(f"the owner (pid {info.pid}) did not end session {matches[0]}")
+        return matches[0]
+
     def status(self) -> dict[str, Any]:
         """Owner, Quack port, connected clients and file size, for `horizons store status`."""
         info = self.owner()
@@ -334,9 +361,19 @@ class Store(StoreBase):
                 )
                 result = con.execute(_CLIENTS_QUERY)
                 columns = [d[0] for d in result.description]
-                status["clients"] = [
-                    dict(zip(columns, row, strict=True))
-                    for row in result.fetchall()
-                    if row[columns.index("query")] != _CLIENTS_QUERY  # this very question
-                ]
+                for row in result.fetchall():
+                    client = dict(zip(columns, row, strict=True))
+                    query = sessions.untagged(client["query"])
+                    if query == _CLIENTS_QUERY:  # this very question
+                        continue
+                    who = sessions.client_of(client["query"])
+                    status["clients"].append(
+                        {
+                            "connection_id": client["connection_id"],
+                            "client": process_name(who[0]) if who else "(not horizons)",
+                            "state": client["state"],
+                            "query_started_at": client["query_started_at"],
+                            "query": query,
+                        }
+                    )
         return status

@@ -27,7 +27,7 @@ from pathlib import Path
 import duckdb
 
 from horizons_platform.settings import Settings
-from horizons_platform.store import tables
+from horizons_platform.store import sessions, tables
 from horizons_platform.store.base import StoreBase, StoreUnavailable, connect, in_transaction
 from horizons_platform.store.endpoint import OwnerInfo, read_owner, remove_owner, write_owner
 from horizons_platform.store.extensions import load_extensions
@@ -109,6 +109,8 @@ class StoreOwner(StoreBase):
         # Told of each DuckDB checkpoint a commit saw: (WAL bytes written, seconds the
         # commit took). The host's Prometheus counters.
         self.observe_checkpoint: Callable[[int, float], None] | None = None
+        self._reaper: threading.Thread | None = None
+        self._reaper_stop = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -212,10 +214,63 @@ class StoreOwner(StoreBase):
         self.info = OwnerInfo.new(self.settings, port, token)
         write_owner(self.settings, self.info)
         log.info("serving %s to clients on quack:127.0.0.1:%d", self.path, port)
+        self._reaper_stop.clear()
+        self._reaper = threading.Thread(
+            target=self._end_dead_clients_sessions,
+            args=(port,),
+            name="store-sessions",
+            daemon=True,
+        )
+        self._reaper.start()
+
+    def _end_dead_clients_sessions(self, port: int) -> None:
+        """End the Quack sessions of horizons clients whose process is gone
+        (store/sessions.py): until then an open transaction of theirs holds every row
+        version DuckDB would clean up, the WAL's checkpoint and the rows it wrote."""
+        refused: set[str] = set()
+        while not self._reaper_stop.wait(self.settings.store_reap_interval_s):
+            try:
+                rows = (
+                    self.cursor()
+                    .execute("SELECT connection_id, query, state FROM quack_active_connections()")
+                    .fetchall()
+                )
+            except duckdb.Error as exc:
+                log.debug("cannot list the store's client sessions: %s", exc)
+                continue
+            for connection_id, query, state in rows:
+                client = sessions.client_of(query)
+                if client is None or connection_id in refused or not sessions.gone(*client):
+                    continue
+                statement = " ".join(sessions.untagged(query).split())[:80]
+                if sessions.disconnect(port, connection_id):
+                    log.warning(
+                        "ended store session %s of client pid %d, which is gone (%s: %s); "
+                        "an open transaction of it is rolled back",
+                        connection_id[:8],
+                        client[0],
+                        state,
+                        statement,
+                    )
+                else:
+                    refused.add(connection_id)
+                    log.error(
+                        "could not end store session %s of client pid %d, which is gone "
+                        "(%s: %s); an open transaction of it holds memory, the WAL and "
+                        "its rows until the host restarts",
+                        connection_id[:8],
+                        client[0],
+                        state,
+                        statement,
+                    )
 
     def close(self) -> None:
         if self._con is None:
             return
+        if self._reaper is not None:
+            self._reaper_stop.set()
+            self._reaper.join(timeout=10)
+            self._reaper = None
         # store.json goes first, the local registration last (see open()).
         if self.info is not None:
             remove_owner(self.settings)

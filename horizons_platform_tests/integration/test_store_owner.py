@@ -423,3 +423,100 @@ def test_a_clients_query_runs_below_the_consumers_priority(
     assert after[busiest][1] == background  # the thread running the client's query
     assert done.wait(120)
     con.close()
+
+
+# A horizons client (the Store API, as Dagster runs and the CLI use it) that opens a
+# write transaction on the owner, changes a row and dies holding it.
+_DIES_HOLDING_A_TRANSACTION = """
+import os, signal
+from horizons_platform.settings import Settings
+from horizons_platform.store.client import Store
+store = Store(Settings())
+with store.transaction() as con:
+    con.execute("UPDATE jobs SET status = 'completed' WHERE job_id = 'reaped'")
+    print("holding", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _sessions(settings: Settings) -> list[dict[str, object]]:
+    return list(Store(settings).status()["clients"])
+
+
+def test_the_owner_ends_the_sessions_of_clients_that_died(
+    settings: Settings, owner: tuple[subprocess.Popen[bytes], OwnerInfo], tmp_path: Path
+) -> None:
+    """A client killed mid-query or mid-transaction never said goodbye, and its session
+    stayed on the owner for good: the open transaction held the rows it wrote (the
+    metrics group's MERGE conflicted until it stopped, and `horizons up` with it), and
+    every row version and the WAL's checkpoint (the demo's owner grew 0.8 GB in eight
+    minutes). The owner now ends them; a user's own session is ended on request."""
+    _, info = owner
+    store = Store(settings)
+    with store.transaction() as con:
+        con.execute(
+            "INSERT INTO jobs (job_id, status, updated_at) VALUES ('reaped', 'submitted', now())"
+        )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _DIES_HOLDING_A_TRANSACTION],
+        env=subprocess_env(settings),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout is not None and writer.stdout.readline() == "holding\n"
+    assert writer.wait(timeout=60) == -signal.SIGKILL
+    # A `horizons query` streaming a large result, killed after its first rows.
+    reader = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "horizons_platform.cli",
+            "query",
+            "--format",
+            "csv",
+            "SELECT repeat('x', 1000) || i AS r FROM range(2000000) t(i)",
+        ],
+        env=subprocess_env(settings),
+        stdout=subprocess.PIPE,
+    )
+    assert reader.stdout is not None
+    for _ in range(1000):
+        reader.stdout.readline()
+    reader.send_signal(signal.SIGKILL)
+    assert reader.wait(timeout=30) == -signal.SIGKILL
+
+    def gone_from_the_owner() -> bool:
+        queries = [str(c["query"]) for c in _sessions(settings)]
+        return not any("range(2000000)" in q or "job_id = 'reaped'" in q for q in queries)
+
+    wait_until(gone_from_the_owner, timeout=30, what="the dead clients' sessions ended")
+    log = (tmp_path / "owner.log").read_text()
+    for pid in (writer.pid, reader.pid):
+        assert re.search(rf"ended store session \w+ of client pid {pid}, which is gone", log), log[
+            -3000:
+        ]
+    # The dead transaction was rolled back: its change never happened, and the row is
+    # free for the next writer (a conflict before).
+    assert store.scalar("SELECT status FROM jobs WHERE job_id = 'reaped'") == "submitted"
+    with store.transaction() as con:
+        con.execute("UPDATE jobs SET status = 'running' WHERE job_id = 'reaped'")
+    assert store.scalar("SELECT status FROM jobs WHERE job_id = 'reaped'") == "running"
+
+    # A user's own session (no horizons process behind it) holding a write transaction:
+    # listed by `store status`, ended by `store disconnect`.
+    mine = attach(info, info.token)
+    mine.execute("SELECT * FROM quack_query_by_name('horizons', 'BEGIN')").fetchall()
+    mine.execute(
+        "SELECT * FROM quack_query_by_name('horizons', "
+        "'UPDATE jobs SET status = ''failed'' WHERE job_id = ''reaped''')"
+    ).fetchall()
+    status = horizons(settings, "store", "status")
+    line = next(x for x in status.stdout.splitlines() if "UPDATE jobs SET status = 'failed'" in x)
+    assert "(not horizons)" in line, status.stdout
+    ended = horizons(settings, "store", "disconnect", line.split()[0])
+    assert ended.returncode == 0 and "rolled back" in ended.stdout, ended.stdout + ended.stderr
+    with store.transaction() as con:
+        con.execute("UPDATE jobs SET status = 'completed' WHERE job_id = 'reaped'")
+    assert store.scalar("SELECT status FROM jobs WHERE job_id = 'reaped'") == "completed"
+    unknown = horizons(settings, "store", "disconnect", "00000000")
+    assert unknown.returncode == 1 and "no session" in unknown.stderr, unknown.stderr
