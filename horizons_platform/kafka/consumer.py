@@ -35,7 +35,7 @@ from horizons_platform.kafka.producer import Publisher
 from horizons_platform.kafka.records import Batch, Handler, Tables, now
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
-from horizons_platform.store.base import StoreBase
+from horizons_platform.store.base import StoreBase, is_conflict
 from horizons_platform.threads import name_this_thread
 
 if TYPE_CHECKING:
@@ -282,7 +282,10 @@ class ConsumerLoop:
     ) -> dict[tuple[str, int], int]:
         """On the writer thread: the batch's transaction; returns the offsets to commit
         to Kafka. A failing store is retried with backoff for ``store_retry_s``, then
-        :class:`StoreFailed`."""
+        :class:`StoreFailed`. A write conflict is retried until it clears: the store
+        works, another transaction holds rows the batch writes (a client's open write
+        transaction), and stopping every group for it — `horizons up` stops the
+        platform with its host — would punish the wrong party."""
         delay, deadline = 0.2, time.monotonic() + self.settings.store_retry_s
         commit_started = time.monotonic()
         while True:
@@ -292,18 +295,30 @@ class ConsumerLoop:
             except Exception as exc:
                 if not is_store_failure(exc):
                     raise
-                if time.monotonic() >= deadline or self.stop_event.is_set():
+                conflict = is_conflict(exc)
+                if (time.monotonic() >= deadline and not conflict) or self.stop_event.is_set():
                     raise StoreFailed(
                         f"{self.group}: the store kept failing for "
                         f"{self.settings.store_retry_s:.0f}s (HORIZONS_STORE_RETRY_S): {exc}"
                     ) from exc
-                log.warning(
-                    "%s: store failure, retrying the batch in %.1fs (nothing committed): %s",
-                    self.group,
-                    delay,
-                    exc,
-                )
-                time.sleep(delay)
+                if conflict:
+                    log.warning(
+                        "%s: another transaction holds rows this batch writes (%s); "
+                        "retrying in %.1fs, nothing committed. A client's open write "
+                        "transaction? `horizons store status` lists the sessions, "
+                        "`horizons store disconnect` ends one",
+                        self.group,
+                        exc,
+                        delay,
+                    )
+                else:
+                    log.warning(
+                        "%s: store failure, retrying the batch in %.1fs (nothing committed): %s",
+                        self.group,
+                        delay,
+                        exc,
+                    )
+                self.stop_event.wait(delay)
                 delay = min(delay * 2, 5.0)
         if self.metrics is not None:
             self.metrics.observe_batch(

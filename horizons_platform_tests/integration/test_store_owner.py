@@ -520,3 +520,61 @@ def test_the_owner_ends_the_sessions_of_clients_that_died(
     assert store.scalar("SELECT status FROM jobs WHERE job_id = 'reaped'") == "completed"
     unknown = horizons(settings, "store", "disconnect", "00000000")
     assert unknown.returncode == 1 and "no session" in unknown.stderr, unknown.stderr
+
+
+def test_a_session_holding_a_jobs_row_stalls_the_metrics_group_without_stopping_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A user's own session with an open write transaction over a job's row: the metrics
+    group's MERGE conflicts with it. That is no bad record (nothing dead-lettered) and no
+    failing store either: the group waits, past HORIZONS_STORE_RETRY_S, saying why and
+    how to end it, and stores the event once the session is gone. Before, it exited 7
+    after the retry period, and `horizons up` stopped the platform with it."""
+    log = tmp_path / "owner.log"
+    proc = start_consumer(settings, log, store_retry_s=2)
+    try:
+        info = wait_until(lambda: read_owner(settings), timeout=60, what="the host serving")
+        orch = JobOrchestratorService(settings, recover=False, wait=False)
+        store = Store(settings)
+        # Two transactions, so the row has been updated once before (DuckDB 1.5.5 finds
+        # the conflict through the row's committed update).
+        orch.submit_job("held", owner="held@observatory.example", job_type="imaging")
+        orch.flush()
+        wait_until(lambda: store.scalar("SELECT count(*) FROM jobs"), timeout=60, what="a job")
+        orch.start_job("held")
+        orch.flush()
+        wait_until(
+            lambda: store.scalar("SELECT status FROM jobs WHERE job_id = 'held'") == "running",
+            timeout=60,
+            what="job 'held' running",
+        )
+        mine = attach(info, info.token)
+        mine.execute("SELECT * FROM quack_query_by_name('horizons', 'BEGIN')").fetchall()
+        mine.execute(
+            "SELECT * FROM quack_query_by_name('horizons', "
+            "'UPDATE jobs SET updated_at = updated_at, status = status "
+            "WHERE job_id = ''held''')"
+        ).fetchall()
+        orch.complete_job("held")
+        orch.flush()
+        wait_until(
+            lambda: log.read_text().count("another transaction holds rows") >= 4,
+            timeout=60,
+            what="the metrics group retrying past its 2 s store retry period",
+        )
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert store.scalar("SELECT status FROM jobs WHERE job_id = 'held'") == "running"
+        status = horizons(settings, "store", "status")
+        line = next(x for x in status.stdout.splitlines() if "UPDATE jobs SET updated_at" in x)
+        assert "(not horizons)" in line, status.stdout
+        ended = horizons(settings, "store", "disconnect", line.split()[0])
+        assert ended.returncode == 0, ended.stdout + ended.stderr
+        wait_until(
+            lambda: store.scalar("SELECT status FROM jobs WHERE job_id = 'held'") == "completed",
+            timeout=60,
+            what="job 'held' completed once the session was ended",
+        )
+        assert store.scalar("SELECT count(*) FROM dead_letters") == 0
+        assert proc.poll() is None
+    finally:
+        assert stop_consumer(proc, log) == 0, log.read_text()[-3000:]
