@@ -3,8 +3,9 @@
 A Quack session lives on the owner until its client says goodbye, and a client that dies
 without one (SIGKILL, SIGTERM, a Dagster run killed, the kernel's OOM killer) left it
 there for good, its query "active" and its transaction open. DuckDB keeps every row
-version an open transaction might still read, so the owner's memory grew (0.8 GB in
-eight minutes of the demo's 20 events/s), no checkpoint ran and the WAL grew past its
+version an open transaction might still read, so the owner's memory grew (DuckDB's
+transaction memory to 0.8 GB in four minutes of the demo's 20 events/s, with four such
+sessions), no checkpoint ran and the WAL grew past its
 threshold; and a transaction that had written kept its rows from every other writer
 (the metrics group's MERGE on ``jobs`` conflicted until the group stopped).
 

@@ -449,7 +449,7 @@ def test_the_owner_ends_the_sessions_of_clients_that_died(
     """A client killed mid-query or mid-transaction never said goodbye, and its session
     stayed on the owner for good: the open transaction held the rows it wrote (the
     metrics group's MERGE conflicted until it stopped, and `horizons up` with it), and
-    every row version and the WAL's checkpoint (the demo's owner grew 0.8 GB in eight
+    every row version and the WAL's checkpoint (the demo's owner grew 0.8 GB in four
     minutes). The owner now ends them; a user's own session is ended on request."""
     _, info = owner
     store = Store(settings)
