@@ -48,7 +48,10 @@ def tagged(sql: str) -> str:
     pid = os.getpid()  # a forked child is another process
     tag = _tags.get(pid)
     if tag is None:
-        tag = _tags[pid] = f"\n/* horizons client {pid}:{process_start(pid) or 0} */"
+        start = process_start(pid)
+        # Without /proc (not Linux) a process cannot be told from its successor: no tag,
+        # and the owner never ends the session.
+        tag = _tags[pid] = f"\n/* horizons client {pid}:{start} */" if start else ""
     return sql + tag
 
 
