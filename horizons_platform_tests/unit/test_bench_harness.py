@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from horizons_bench.harness import ephemeral_ports, free_port_block, settings_env
+from horizons_bench.latency import stored_target
 from horizons_bench.memory import processed, rss_level
 from horizons_bench.offsets import GroupState
 from horizons_bench.report import BenchResult, Figure, Target
@@ -47,6 +48,13 @@ def test_targets_and_growth() -> None:
 
 def _sample(t: float, done: int, total: int = 1000) -> Sample:
     return Sample(t, {"g": GroupState(done, total)}, None)
+
+
+def test_the_latency_target_is_the_issues_for_the_rate() -> None:
+    # 150 ms at 1,000 events/s, 500 ms at 10,000 (the 10,000 run showed 150 before).
+    assert stored_target(1_000) == Target("le", 150)
+    assert stored_target(10_000) == Target("le", 500)
+    assert stored_target(20_000) is None
 
 
 def test_timeline_rate_excludes_start_up_and_stops_at_catch_up() -> None:
