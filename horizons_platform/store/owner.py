@@ -65,16 +65,27 @@ def process_name(pid: int | None) -> str:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return f"pid {pid}"
+    command = program(argv)
+    return f"pid {pid} ({command})" if command else f"pid {pid}"
+
+
+def program(argv: list[bytes]) -> str:
+    """A command line as a person would type it: ``horizons query …`` for
+    ``python -m horizons_platform.cli query …`` and ``.venv/bin/horizons query …`` alike,
+    ``dagster api grpc …`` for ``/…/.venv/bin/python -m dagster api grpc …``; at most
+    60 characters."""
     words = [a.decode(errors="replace") for a in argv if a]
-    # `python -m horizons_platform.cli query …` and `.venv/bin/horizons query …` alike
     for i, word in enumerate(words):
         if word.endswith(("horizons", "horizons_platform.cli")):
             words = ["horizons", *words[i + 1 :]]
             break
+    else:
+        if words and Path(words[0]).name.startswith("python"):
+            words = words[2:] if words[1:2] == ["-m"] else words[1:]
+        if words:
+            words[0] = Path(words[0]).name
     command = " ".join(" ".join(words).split())
-    if not command:
-        return f"pid {pid}"
-    return f"pid {pid} ({command[:60]}{'…' if len(command) > 60 else ''})"
+    return f"{command[:60]}…" if len(command) > 60 else command
 
 
 def wal_bytes(database: Path) -> int:

@@ -22,7 +22,7 @@ from horizons_platform.settings import Settings
 from horizons_platform.store import tables
 from horizons_platform.store.base import StoreUnavailable
 from horizons_platform.store.client import Store
-from horizons_platform.store.owner import StoreOwner
+from horizons_platform.store.owner import StoreOwner, program
 from horizons_platform.store.schema import MIGRATIONS, PAYLOAD_OF_RAW, SchemaTooNew, migrate
 
 HOLD = """
@@ -434,3 +434,22 @@ def test_a_checkpoint_inside_a_commit_is_named_once(
         assert owner.scalar("SELECT count(*) FROM blobs") == 16  # nothing lost by it
     finally:
         owner.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        (
+            [b"/x/.venv/bin/python", b"-m", b"horizons_platform.cli", b"query", b"SELECT 1"],
+            "horizons query SELECT 1",
+        ),
+        ([b"/x/.venv/bin/python", b"/x/.venv/bin/horizons", b"consume", b""], "horizons consume"),
+        ([b"/x/.venv/bin/python3.11", b"-m", b"dagster", b"api", b"grpc"], "dagster api grpc"),
+        ([b"/usr/bin/duckdb", b"var/horizons.duckdb"], "duckdb var/horizons.duckdb"),
+        ([b"/x/bin/python", b"script.py", b"--flag"], "script.py --flag"),
+        ([b"python", b"-c", b"x" * 100], "-c " + "x" * 57 + "…"),
+        ([], ""),
+    ],
+)
+def test_a_process_is_named_by_the_command_a_person_typed(argv: list[bytes], shown: str) -> None:
+    assert program(argv) == shown
