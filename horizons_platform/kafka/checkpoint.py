@@ -69,8 +69,10 @@ class Checkpoint:
     # The Kafka cluster the offsets belong to (set by the loop once it checked them).
     cluster_id: str | None = None
     fenced: int = 0  # records dropped as already stored (the loop then rechecks offsets)
-    # Dead letters already handed to send_dead_letters during this commit() (see _write).
+    # Dead letters already handed to send_dead_letters for this batch (see _write), over
+    # every commit() of it: the loop calls commit() again while a store failure lasts.
     _letters_sent: set[tuple[str, int, int]] = field(default_factory=set)
+    _batch: Batch | None = None
 
     @property
     def group(self) -> str:
@@ -91,8 +93,11 @@ class Checkpoint:
         """Store ``batch`` (with the rows :meth:`prepare` made, or made here); returns the
         next offsets to commit to Kafka. Only a store failure that is not about one record
         escapes (the batch is then not stored)."""
-        self.counters.processed += len(batch)
-        self._letters_sent = set()
+        if batch is not self._batch:  # not a retry of the same batch (the loop retries
+            # a failing store): its letters were sent, its records counted, once already
+            self._batch = batch
+            self.counters.processed += len(batch)
+            self._letters_sent = set()
         if rows is None:
             rows = self.prepare(batch)
         if rows is None:
@@ -315,6 +320,11 @@ def _letter(one: Batch, error_class: str, message: str) -> DeadLetter:
 
 class StoreFailed(RuntimeError):
     """The store kept failing past ``store_retry_s``: the consumer stops, uncommitted."""
+
+
+class BatchAbandoned(RuntimeError):
+    """Asked to stop while another transaction still held the batch's rows: nothing of it
+    is stored or committed, and it is read again at the next start."""
 
 
 def is_store_failure(exc: BaseException) -> bool:

@@ -29,7 +29,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 
 from horizons_platform.kafka import offsets
 from horizons_platform.kafka.admin import answers_a_new_client
-from horizons_platform.kafka.checkpoint import Checkpoint, DeadLetter, StoreFailed, is_store_failure
+from horizons_platform.kafka.checkpoint import (
+    BatchAbandoned,
+    Checkpoint,
+    DeadLetter,
+    StoreFailed,
+    is_store_failure,
+)
 from horizons_platform.kafka.offsets_watch import OffsetsWatch
 from horizons_platform.kafka.producer import Publisher
 from horizons_platform.kafka.records import Batch, Handler, Tables, now
@@ -230,6 +236,8 @@ class ConsumerLoop:
                     self._maybe_flush_signals()
                 self._verify_commits()
             self._finish_in_flight()
+        except BatchAbandoned as exc:
+            log.warning("%s: %s", self.group, exc)
         except Exception as exc:
             if not is_store_failure(exc):
                 raise
@@ -286,7 +294,7 @@ class ConsumerLoop:
         works, another transaction holds rows the batch writes (a client's open write
         transaction), and stopping every group for it — `horizons up` stops the
         platform with its host — would punish the wrong party."""
-        delay, deadline = 0.2, time.monotonic() + self.settings.store_retry_s
+        delay, deadline = 0.2, None
         commit_started = time.monotonic()
         while True:
             try:
@@ -296,11 +304,20 @@ class ConsumerLoop:
                 if not is_store_failure(exc):
                     raise
                 conflict = is_conflict(exc)
-                if (time.monotonic() >= deadline and not conflict) or self.stop_event.is_set():
-                    raise StoreFailed(
-                        f"{self.group}: the store kept failing for "
-                        f"{self.settings.store_retry_s:.0f}s (HORIZONS_STORE_RETRY_S): {exc}"
+                if conflict and self.stop_event.is_set():
+                    raise BatchAbandoned(
+                        "stopped while another transaction held rows of the batch being "
+                        "written; nothing of it is stored or committed (read again at the "
+                        "next start)"
                     ) from exc
+                if not conflict:  # the retry period runs from the first such failure
+                    now = time.monotonic()
+                    deadline = deadline or now + self.settings.store_retry_s
+                    if now >= deadline or self.stop_event.is_set():
+                        raise StoreFailed(
+                            f"{self.group}: the store kept failing for "
+                            f"{self.settings.store_retry_s:.0f}s (HORIZONS_STORE_RETRY_S): {exc}"
+                        ) from exc
                 if conflict:
                     log.warning(
                         "%s: another transaction holds rows this batch writes (%s); "

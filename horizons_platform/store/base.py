@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -67,11 +68,20 @@ STORE_ERRORS = (
 )
 
 
+# How DuckDB 1.5.5 words a write-write conflict (transaction/duck_transaction.cpp,
+# storage/table/*): matched exactly, not as a word anywhere in the message, which also
+# holds file paths and, in an invalidated database, the original error.
+_CONFLICT = re.compile(
+    r"TransactionContext Error: (Conflict on (update|tuple deletion)!|.*write-write conflict)",
+    re.IGNORECASE,
+)
+
+
 def is_conflict(exc: BaseException) -> bool:
     """A write-write conflict between two concurrent transactions (MVCC): retry it.
     (Not every TransactionException is one: "Failed to commit: Could not write file" is
     the disk refusing the WAL — a store failure.)"""
-    return "conflict" in str(exc).lower() and not isinstance(exc, duckdb.ConstraintException)
+    return isinstance(exc, duckdb.TransactionException) and bool(_CONFLICT.match(str(exc)))
 
 
 class StoreBase(ABC):

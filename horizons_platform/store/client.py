@@ -59,8 +59,11 @@ _OPEN_SESSIONS: weakref.WeakSet[_Session] = weakref.WeakSet()
 
 @atexit.register
 def _close_sessions() -> None:
+    # Only this process's: a forked child that exits normally must not end the sessions
+    # it inherited, which are still its parent's.
     for session in list(_OPEN_SESSIONS):
-        session.close()
+        if session.pid == os.getpid():
+            session.close()
 
 
 def _disconnected(exc: BaseException) -> bool:
@@ -78,7 +81,7 @@ def _unwrapped(exc: duckdb.Error) -> duckdb.Error:
     remote failure as an Invalid Input Error of the wrapping ``quack_query_by_name`` call,
     with a second caret under that call (the first, under the user's SQL, stays)."""
     text = str(exc)
-    cleaned = _WRAPPER_CARET.sub("", text)
+    cleaned = sessions.untagged_text(_WRAPPER_CARET.sub("", text))
     if cleaned == text:
         return exc
     cleaned = cleaned.removeprefix("Invalid Input Error: ")
@@ -98,6 +101,7 @@ class _Session:
         if pid_stopped(info.pid):  # ATTACH would wait on its socket for ever
             raise StoreUnavailable(stopped_owner(info))
         self.info = info
+        self.pid = os.getpid()
         self.con = connect()
         _OPEN_SESSIONS.add(self)
         try:
@@ -367,10 +371,16 @@ class Store(StoreBase):
                     if query == _CLIENTS_QUERY:  # this very question
                         continue
                     who = sessions.client_of(client["query"])
+                    if who is None:
+                        named = "(not horizons)"
+                    elif sessions.gone(*who):
+                        named = f"pid {who[0]} (gone)"
+                    else:
+                        named = process_name(who[0])
                     status["clients"].append(
                         {
                             "connection_id": client["connection_id"],
-                            "client": process_name(who[0]) if who else "(not horizons)",
+                            "client": named,
                             "state": client["state"],
                             "query_started_at": client["query_started_at"],
                             "query": query,

@@ -238,7 +238,7 @@ class StoreOwner(StoreBase):
         """End the Quack sessions of horizons clients whose process is gone
         (store/sessions.py): until then an open transaction of theirs holds every row
         version DuckDB would clean up, the WAL's checkpoint and the rows it wrote."""
-        refused: set[str] = set()
+        refused: set[str] = set()  # told once: retried every round, logged once
         while not self._reaper_stop.wait(self.settings.store_reap_interval_s):
             try:
                 rows = (
@@ -251,7 +251,7 @@ class StoreOwner(StoreBase):
                 continue
             for connection_id, query, state in rows:
                 client = sessions.client_of(query)
-                if client is None or connection_id in refused or not sessions.gone(*client):
+                if client is None or not sessions.gone(*client):
                     continue
                 statement = " ".join(sessions.untagged(query).split())[:80]
                 if sessions.disconnect(port, connection_id):
@@ -263,17 +263,32 @@ class StoreOwner(StoreBase):
                         state,
                         statement,
                     )
-                else:
+                elif connection_id not in refused and self._still_listed(connection_id):
                     refused.add(connection_id)
                     log.error(
                         "could not end store session %s of client pid %d, which is gone "
                         "(%s: %s); an open transaction of it holds memory, the WAL and "
-                        "its rows until the host restarts",
+                        "its rows until it is ended; trying again every %.0fs",
                         connection_id[:8],
                         client[0],
                         state,
                         statement,
+                        self.settings.store_reap_interval_s,
                     )
+
+    def _still_listed(self, connection_id: str) -> bool:
+        """Whether the server still has the session (its client may have closed it
+        between our listing and the disconnect, which then finds nothing to end)."""
+        with suppress(duckdb.Error):
+            return bool(
+                self.cursor()
+                .execute(
+                    "SELECT count(*) FROM quack_active_connections() WHERE connection_id = ?",
+                    [connection_id],
+                )
+                .fetchall()[0][0]
+            )
+        return True
 
     def close(self) -> None:
         if self._con is None:

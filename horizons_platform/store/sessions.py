@@ -24,21 +24,37 @@ import re
 from contextlib import suppress
 from pathlib import Path
 
-_TAG = re.compile(r"\n/\* horizons client (\d+):(\d+) \*/$")
+_TAG = re.compile(r"\n/\* horizons client (\d+):(\d+):(\d+) \*/$")
+_ANY_TAG = re.compile(r"\n?/\* horizons client \d+:\d+:\d+ \*/")
 _tags: dict[int, str] = {}
+
+
+class Unknown(Exception):
+    """/proc cannot say whether the process lives (out of file descriptors, hidepid)."""
 
 
 def process_start(pid: int) -> int | None:
     """When ``pid`` started (clock ticks since boot, /proc's field 22): with the pid, it
     names one process even after the pid is reused. None when no live process has it
-    (a zombie is dead: killed, not yet reaped by its parent)."""
+    (a zombie is dead: killed, not yet reaped by its parent); :class:`Unknown` when /proc
+    cannot tell."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+    except (FileNotFoundError, ProcessLookupError):
         return None
+    except (OSError, IndexError, ValueError) as exc:
+        raise Unknown(f"/proc/{pid}/stat: {exc}") from exc
     if fields[0] in ("Z", "X"):
         return None
     return int(fields[19])
+
+
+def pid_namespace() -> int | None:
+    """This process's PID namespace: a pid names a process only inside its own."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 def tagged(sql: str) -> str:
@@ -48,17 +64,22 @@ def tagged(sql: str) -> str:
     pid = os.getpid()  # a forked child is another process
     tag = _tags.get(pid)
     if tag is None:
-        start = process_start(pid)
+        try:
+            start, namespace = process_start(pid), pid_namespace()
+        except Unknown:
+            start = namespace = None
         # Without /proc (not Linux) a process cannot be told from its successor: no tag,
         # and the owner never ends the session.
-        tag = _tags[pid] = f"\n/* horizons client {pid}:{start} */" if start else ""
+        known = start and namespace
+        tag = _tags[pid] = f"\n/* horizons client {pid}:{start}:{namespace} */" if known else ""
     return sql + tag
 
 
-def client_of(query: str | None) -> tuple[int, int] | None:
-    """(pid, start) of the horizons process whose statement ``query`` is, if it is one."""
+def client_of(query: str | None) -> tuple[int, int, int] | None:
+    """(pid, start, PID namespace) of the horizons process whose statement ``query`` is,
+    if it is one."""
     match = _TAG.search(query or "")
-    return (int(match.group(1)), int(match.group(2))) if match else None
+    return (int(match.group(1)), int(match.group(2)), int(match.group(3))) if match else None
 
 
 def untagged(query: str | None) -> str:
@@ -66,9 +87,22 @@ def untagged(query: str | None) -> str:
     return _TAG.sub("", query or "")
 
 
-def gone(pid: int, start: int) -> bool:
-    """The process is no longer running (its pid free, or another process's now)."""
-    return process_start(pid) != start
+def untagged_text(message: str) -> str:
+    """An error message without the tags it quotes (DuckDB quotes the statement's text,
+    e.g. "unterminated quoted string at or near …")."""
+    return _ANY_TAG.sub("", message)
+
+
+def gone(pid: int, start: int, namespace: int) -> bool:
+    """The process is certainly no longer running: its pid free, or another process's
+    now. False whenever that cannot be told: a client in another PID namespace (its pid
+    means nothing here), or /proc unreadable."""
+    if namespace != pid_namespace():
+        return False
+    try:
+        return process_start(pid) != start
+    except Unknown:
+        return False
 
 
 def disconnect(port: int, connection_id: str, timeout_s: float = 5.0) -> bool:

@@ -20,6 +20,7 @@ from horizons_platform.services.metrics import MetricsHandler
 from horizons_platform.services.notifications import NotificationHandler
 from horizons_platform.settings import Settings
 from horizons_platform.store import tables
+from horizons_platform.store.base import is_conflict
 from horizons_platform.store.client import Store
 from horizons_platform.store.owner import StoreOwner
 
@@ -341,17 +342,37 @@ def test_a_conflict_outlasting_its_retries_stops_the_batch_and_dead_letters_noth
             other = owner.cursor()  # this thread's: the other transaction
             other.execute("BEGIN")
             other.execute("UPDATE jobs SET status = status, updated_at = updated_at")
-            with pytest.raises(duckdb.TransactionException, match="Conflict") as failed:
-                writer.submit(cp.commit, _batch([done], first_offset=3)).result()
-            assert is_store_failure(failed.value)
+            batch = _batch([done, b"not json"], first_offset=3)
+            for _ in range(3):  # the loop retries the same batch while the conflict lasts
+                with pytest.raises(duckdb.TransactionException, match="Conflict") as failed:
+                    writer.submit(cp.commit, batch).result()
+                assert is_store_failure(failed.value) and is_conflict(failed.value)
             other.execute("ROLLBACK")
-            assert sent == [] and owner.scalar("SELECT count(*) FROM dead_letters") == 0
+            assert owner.scalar("SELECT count(*) FROM dead_letters") == 0
             assert owner.scalar("SELECT status FROM jobs WHERE job_id = 'j1'") == "running"
             # The loop's retry, once the row is free: stored, and the cursor lean again.
-            writer.submit(cp.commit, _batch([done], first_offset=3)).result()
+            writer.submit(cp.commit, batch).result()
+            # The bad record's letter went to the DLQ topic once, not once per attempt.
+            assert [d.offset for d in sent] == [4]
+            assert owner.scalar("SELECT count(*) FROM dead_letters") == 1
             assert writer.submit(lambda: _optimizer_off(owner.cursor())).result() == lean
         assert owner.scalar("SELECT status FROM jobs WHERE job_id = 'j1'") == "completed"
         with owner.reader() as con:
-            assert tables.stored_offsets(con, "metrics") == {(TOPIC, 0): 4}
+            assert tables.stored_offsets(con, "metrics") == {(TOPIC, 0): 5}
     finally:
         owner.close()
+
+
+def test_a_conflict_is_known_by_duckdbs_words_not_by_a_word_anywhere() -> None:
+    assert is_conflict(duckdb.TransactionException("TransactionContext Error: Conflict on update!"))
+    assert is_conflict(
+        duckdb.TransactionException("TransactionContext Error: Conflict on tuple deletion!")
+    )
+    # The disk refusing the WAL of a store whose path says "conflict" is a store failure
+    # to give up on, not a conflict to wait out.
+    refused = duckdb.TransactionException(
+        'TransactionContext Error: Failed to commit: Cannot open file "/srv/conflict-db/'
+        'horizons.duckdb.wal": Is a directory'
+    )
+    assert not is_conflict(refused) and is_store_failure(refused)
+    assert not is_conflict(duckdb.IOException("Conflicting lock is held in /x (PID 1)"))

@@ -16,7 +16,8 @@ def test_a_statement_names_its_process_after_the_users_sql() -> None:
     sql = "SELECT 1 -- a trailing comment must not swallow the tag"
     sent = sessions.tagged(sql)
     assert sent.startswith(sql + "\n")
-    assert sessions.client_of(sent) == (os.getpid(), sessions.process_start(os.getpid()))
+    me = (os.getpid(), sessions.process_start(os.getpid()), sessions.pid_namespace())
+    assert sessions.client_of(sent) == me
     assert sessions.untagged(sent) == sql
     assert sessions.client_of(sql) is None and sessions.client_of(None) is None
     assert sessions.untagged("SELECT 2") == "SELECT 2"
@@ -31,8 +32,26 @@ def test_a_process_is_gone_once_it_exited_or_its_pid_names_another() -> None:
         text=True,
         check=True,
     )
-    assert sessions.gone(int(child.stdout), 1)  # exited (and reaped)
-    assert sessions.gone(os.getpid(), me[1] + 1)  # the pid, but another start: reused
+    assert sessions.gone(int(child.stdout), 1, me[2])  # exited (and reaped)
+    assert sessions.gone(os.getpid(), me[1] + 1, me[2])  # the pid, but another start: reused
+    # A pid from another PID namespace names nobody here: never taken for gone.
+    assert not sessions.gone(int(child.stdout), 1, me[2] + 1)
+
+
+def test_a_process_proc_cannot_see_is_not_taken_for_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    me = sessions.client_of(sessions.tagged("SELECT 1"))
+    assert me is not None
+
+    def no_descriptors(*_: object, **__: object) -> str:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(sessions.Path, "read_text", no_descriptors)
+    assert not sessions.gone(me[0], me[1] + 1, me[2])
+
+
+def test_an_error_message_quotes_the_users_sql_without_the_tag() -> None:
+    quoted = f'unterminated quoted string at or near "\'abc{sessions.tagged("")}"'
+    assert sessions.untagged_text(quoted) == 'unterminated quoted string at or near "\'abc"'
 
 
 def test_a_forked_child_names_itself_not_its_parent() -> None:
