@@ -538,15 +538,17 @@ def test_a_session_holding_a_jobs_row_stalls_the_metrics_group_without_stopping_
         store = Store(settings)
         # Two transactions, so the row has been updated once before (DuckDB 1.5.5 finds
         # the conflict through the row's committed update).
-        orch.submit_job("held", owner="held@observatory.example", job_type="imaging")
+        for job in ("held", "held-2"):
+            orch.submit_job(job, owner="held@observatory.example", job_type="imaging")
         orch.flush()
-        wait_until(lambda: store.scalar("SELECT count(*) FROM jobs"), timeout=60, what="a job")
-        orch.start_job("held")
+        wait_until(lambda: store.scalar("SELECT count(*) FROM jobs") == 2, timeout=60, what="jobs")
+        for job in ("held", "held-2"):
+            orch.start_job(job)
         orch.flush()
         wait_until(
-            lambda: store.scalar("SELECT status FROM jobs WHERE job_id = 'held'") == "running",
+            lambda: store.scalar("SELECT count(*) FROM jobs WHERE status = 'running'") == 2,
             timeout=60,
-            what="job 'held' running",
+            what="both jobs running",
         )
         mine = attach(info, info.token)
         mine.execute("SELECT * FROM quack_query_by_name('horizons', 'BEGIN')").fetchall()
@@ -576,5 +578,22 @@ def test_a_session_holding_a_jobs_row_stalls_the_metrics_group_without_stopping_
         )
         assert store.scalar("SELECT count(*) FROM dead_letters") == 0
         assert proc.poll() is None
+        # Held again, and the host asked to stop meanwhile: it stops cleanly (exit 0),
+        # the batch abandoned, to be read again at the next start.
+        mine = attach(info, info.token)
+        mine.execute("SELECT * FROM quack_query_by_name('horizons', 'BEGIN')").fetchall()
+        mine.execute(
+            "SELECT * FROM quack_query_by_name('horizons', "
+            "'UPDATE jobs SET updated_at = updated_at WHERE job_id = ''held-2''')"
+        ).fetchall()
+        before = log.read_text().count("another transaction holds rows")
+        orch.complete_job("held-2")
+        orch.flush()
+        wait_until(
+            lambda: log.read_text().count("another transaction holds rows") > before,
+            timeout=60,
+            what="the metrics group waiting on the held row again",
+        )
     finally:
         assert stop_consumer(proc, log) == 0, log.read_text()[-3000:]
+    assert "stopped while another transaction held rows" in log.read_text()
