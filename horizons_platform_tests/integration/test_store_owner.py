@@ -81,6 +81,15 @@ def attach(info: OwnerInfo, token: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
+def hold(info: OwnerInfo, update: str) -> duckdb.DuckDBPyConnection:
+    """A user's own DuckDB session that runs ``update`` inside BEGIN and keeps the
+    transaction open (no horizons process behind it, so the owner never ends it)."""
+    con = attach(info, info.token)
+    for sql in ("BEGIN", update):
+        con.execute("SELECT * FROM quack_query_by_name('horizons', ?)", [sql]).fetchall()
+    return con
+
+
 def test_store_json_is_private_and_names_the_owner(
     settings: Settings, owner: tuple[subprocess.Popen[bytes], OwnerInfo]
 ) -> None:
@@ -504,12 +513,7 @@ def test_the_owner_ends_the_sessions_of_clients_that_died(
 
     # A user's own session (no horizons process behind it) holding a write transaction:
     # listed by `store status`, ended by `store disconnect`.
-    mine = attach(info, info.token)
-    mine.execute("SELECT * FROM quack_query_by_name('horizons', 'BEGIN')").fetchall()
-    mine.execute(
-        "SELECT * FROM quack_query_by_name('horizons', "
-        "'UPDATE jobs SET status = ''failed'' WHERE job_id = ''reaped''')"
-    ).fetchall()
+    mine = hold(info, "UPDATE jobs SET status = 'failed' WHERE job_id = 'reaped'")
     status = horizons(settings, "store", "status")
     line = next(x for x in status.stdout.splitlines() if "UPDATE jobs SET status = 'failed'" in x)
     assert "(not horizons)" in line, status.stdout
@@ -520,6 +524,7 @@ def test_the_owner_ends_the_sessions_of_clients_that_died(
     assert store.scalar("SELECT status FROM jobs WHERE job_id = 'reaped'") == "completed"
     unknown = horizons(settings, "store", "disconnect", "00000000")
     assert unknown.returncode == 1 and "no session" in unknown.stderr, unknown.stderr
+    mine.close()  # its session, ended on the owner: closing says goodbye to nobody
 
 
 def test_a_session_holding_a_jobs_row_stalls_the_metrics_group_without_stopping_it(
@@ -550,13 +555,9 @@ def test_a_session_holding_a_jobs_row_stalls_the_metrics_group_without_stopping_
             timeout=60,
             what="both jobs running",
         )
-        mine = attach(info, info.token)
-        mine.execute("SELECT * FROM quack_query_by_name('horizons', 'BEGIN')").fetchall()
-        mine.execute(
-            "SELECT * FROM quack_query_by_name('horizons', "
-            "'UPDATE jobs SET updated_at = updated_at, status = status "
-            "WHERE job_id = ''held''')"
-        ).fetchall()
+        mine = hold(
+            info, "UPDATE jobs SET updated_at = updated_at, status = status WHERE job_id = 'held'"
+        )
         orch.complete_job("held")
         orch.flush()
         wait_until(
@@ -578,14 +579,10 @@ def test_a_session_holding_a_jobs_row_stalls_the_metrics_group_without_stopping_
         )
         assert store.scalar("SELECT count(*) FROM dead_letters") == 0
         assert proc.poll() is None
+        mine.close()
         # Held again, and the host asked to stop meanwhile: it stops cleanly (exit 0),
         # the batch abandoned, to be read again at the next start.
-        mine = attach(info, info.token)
-        mine.execute("SELECT * FROM quack_query_by_name('horizons', 'BEGIN')").fetchall()
-        mine.execute(
-            "SELECT * FROM quack_query_by_name('horizons', "
-            "'UPDATE jobs SET updated_at = updated_at WHERE job_id = ''held-2''')"
-        ).fetchall()
+        again = hold(info, "UPDATE jobs SET updated_at = updated_at WHERE job_id = 'held-2'")
         before = log.read_text().count("another transaction holds rows")
         orch.complete_job("held-2")
         orch.flush()
@@ -597,3 +594,4 @@ def test_a_session_holding_a_jobs_row_stalls_the_metrics_group_without_stopping_
     finally:
         assert stop_consumer(proc, log) == 0, log.read_text()[-3000:]
     assert "stopped while another transaction held rows" in log.read_text()
+    again.close()  # only now: the host had to stop while the row was held
