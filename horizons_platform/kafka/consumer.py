@@ -303,22 +303,13 @@ class ConsumerLoop:
             except Exception as exc:
                 if not is_store_failure(exc):
                     raise
-                conflict = is_conflict(exc)
-                if conflict and self.stop_event.is_set():
-                    raise BatchAbandoned(
-                        "stopped while another transaction held rows of the batch being "
-                        "written; nothing of it is stored or committed (read again at the "
-                        "next start)"
-                    ) from exc
-                if not conflict:  # the retry period runs from the first such failure
-                    now = time.monotonic()
-                    deadline = deadline or now + self.settings.store_retry_s
-                    if now >= deadline or self.stop_event.is_set():
-                        raise StoreFailed(
-                            f"{self.group}: the store kept failing for "
-                            f"{self.settings.store_retry_s:.0f}s (HORIZONS_STORE_RETRY_S): {exc}"
+                if is_conflict(exc):
+                    if self.stop_event.is_set():
+                        raise BatchAbandoned(
+                            "stopped while another transaction held rows of the batch being "
+                            "written; nothing of it is stored or committed (read again at "
+                            "the next start)"
                         ) from exc
-                if conflict:
                     log.warning(
                         "%s: another transaction holds rows this batch writes (%s); "
                         "retrying in %.1fs, nothing committed. A client's open write "
@@ -329,6 +320,13 @@ class ConsumerLoop:
                         delay,
                     )
                 else:
+                    now = time.monotonic()  # the retry period runs from the first failure
+                    deadline = deadline or now + self.settings.store_retry_s
+                    if now >= deadline or self.stop_event.is_set():
+                        raise StoreFailed(
+                            f"{self.group}: the store kept failing for "
+                            f"{self.settings.store_retry_s:.0f}s (HORIZONS_STORE_RETRY_S): {exc}"
+                        ) from exc
                     log.warning(
                         "%s: store failure, retrying the batch in %.1fs (nothing committed): %s",
                         self.group,
